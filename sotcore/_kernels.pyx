@@ -1,0 +1,169 @@
+# cython: language_level=3
+"""Compiled core of sotcore (private).
+
+Kernels trust their inputs' *values* (validation lives in Python), but every
+``def`` entry point checks the shapes it indexes with, so no call from Python
+can make a kernel read or write out of bounds.  Randomness is counter-based
+(see ``_sotrng.h``): the bit for element (row r, column j) depends only on
+(seed, stream, r, j), so results are identical at any thread count.
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+cimport cython
+from cython cimport floating
+
+
+cdef extern from "_sotrng.h" nogil:
+    int sot_openmp_enabled()
+    int sot_omp_max_threads()
+    uint64_t sot_stream_key(uint64_t seed, uint64_t stream)
+    uint64_t sot_u64(uint64_t key, uint64_t ctr)
+    void sot_fill_u64(uint64_t key, uint64_t ctr0, uint64_t *out, Py_ssize_t n)
+    void sot_sample_row_f64(const double *cur, const double *a, const double *b,
+                            const uint32_t *table, Py_ssize_t G, Py_ssize_t n,
+                            const uint32_t *rnd, uint8_t *out)
+    void sot_sample_row_f32(const float *cur, const float *a, const float *b,
+                            const uint32_t *table, Py_ssize_t G, Py_ssize_t n,
+                            const uint32_t *rnd, uint8_t *out)
+
+
+# Work per chunk, in elements.  Chunking depends on the data size only.
+cdef enum:
+    CHUNK_ELEMS = 32768
+
+
+def openmp_enabled():
+    """True if the extension was built with OpenMP."""
+    return bool(sot_openmp_enabled())
+
+
+def omp_max_threads():
+    """``omp_get_max_threads()`` (honours OMP_NUM_THREADS); 1 without OpenMP."""
+    return sot_omp_max_threads()
+
+
+def stream_key(uint64_t seed, uint64_t stream):
+    """The 64-bit key of stream ``stream`` under ``seed`` (for tests)."""
+    return sot_stream_key(seed, stream)
+
+
+def raw_u64(uint64_t key, uint64_t ctr0, Py_ssize_t n):
+    """``n`` consecutive raw 64-bit outputs of stream ``key`` (for tests)."""
+    import numpy as np
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    out = np.empty(n, dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    if n:
+        sot_fill_u64(key, ctr0, &o[0], n)
+    return out
+
+
+cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t n_cols) noexcept nogil:
+    if n_cols <= 0:
+        return CHUNK_ELEMS
+    if n_cols >= CHUNK_ELEMS:
+        return 1
+    return CHUNK_ELEMS // n_cols
+
+
+def sample_table(
+    const floating[:, ::1] currents,
+    const floating[::1] a,
+    const floating[::1] b,
+    const uint32_t[:, ::1] table,
+    uint64_t seed,
+    uint64_t stream,
+    uint64_t row0,
+    uint8_t[:, ::1] out,
+    int n_threads,
+):
+    """Bernoulli bits from per-device threshold tables.
+
+    ``P(out[i, j] = 1)`` is ``table[j]`` linearly interpolated at the grid
+    coordinate ``currents[i, j] * a[j] + b[j]`` (clamped to the grid), divided
+    by 2**32.  The draws of row ``i`` come from counters of global row
+    ``row0 + i`` in stream ``stream`` of ``seed``.
+    """
+    cdef Py_ssize_t n = currents.shape[0], m = currents.shape[1]
+    cdef Py_ssize_t G = table.shape[1]
+    if table.shape[0] != m or a.shape[0] != m or b.shape[0] != m:
+        raise ValueError("table, a and b must have one entry per column")
+    if out.shape[0] != n or out.shape[1] != m:
+        raise ValueError("out must have the shape of currents")
+    if G < 2 or G > 1 << 20:
+        raise ValueError("tables need between 2 and 2**20 grid points")
+    if n == 0 or m == 0:
+        return
+    cdef Py_ssize_t npairs = (m + 1) // 2
+    cdef Py_ssize_t rpc = _rows_per_chunk(m)
+    cdef Py_ssize_t n_chunks = (n + rpc - 1) // rpc
+    cdef uint64_t key = sot_stream_key(seed, stream)
+    cdef Py_ssize_t c, i, i0, i1
+    cdef uint64_t *buf
+    cdef int failed = 0
+    for c in prange(n_chunks, schedule="static", nogil=True, num_threads=n_threads):
+        buf = <uint64_t *>malloc(npairs * sizeof(uint64_t))
+        if buf == NULL:
+            failed = 1
+        else:
+            i0 = c * rpc
+            i1 = i0 + rpc
+            if i1 > n:
+                i1 = n
+            for i in range(i0, i1):
+                sot_fill_u64(key, (row0 + <uint64_t>i) * <uint64_t>npairs, buf, npairs)
+                if floating is double:
+                    sot_sample_row_f64(&currents[i, 0], &a[0], &b[0], &table[0, 0],
+                                       G, m, <const uint32_t *>buf, &out[i, 0])
+                else:
+                    sot_sample_row_f32(&currents[i, 0], &a[0], &b[0], &table[0, 0],
+                                       G, m, <const uint32_t *>buf, &out[i, 0])
+            free(buf)
+    if failed:
+        raise MemoryError("sample_table: could not allocate a row buffer")
+
+
+cdef inline void _add_rows(const uint8_t *bits, const float *W, Py_ssize_t K,
+                           Py_ssize_t M, float *o) noexcept nogil:
+    cdef Py_ssize_t k, mm
+    cdef const float *w
+    memset(o, 0, M * sizeof(float))
+    for k in range(K):
+        if bits[k]:
+            w = W + k * M
+            for mm in range(M):
+                o[mm] += w[mm]
+
+
+def binary_matvec(const uint8_t[:, ::1] bits, const float[:, ::1] W,
+                  float[:, ::1] out, int n_threads):
+    """``out = bits @ W`` for a 0/1 matrix, by adding the rows of set bits.
+
+    Any non-zero byte counts as a set bit.  Rows are summed in increasing
+    ``k``, so the result does not depend on the thread count.
+    """
+    cdef Py_ssize_t n = bits.shape[0], K = bits.shape[1]
+    cdef Py_ssize_t M = W.shape[1]
+    if W.shape[0] != K:
+        raise ValueError("W must have one row per column of bits")
+    if out.shape[0] != n or out.shape[1] != M:
+        raise ValueError("out must have shape (bits.shape[0], W.shape[1])")
+    if n == 0 or M == 0:
+        return
+    if K == 0:
+        out[:, :] = 0
+        return
+    cdef Py_ssize_t rpc = _rows_per_chunk(K * M // 8 + 1)
+    cdef Py_ssize_t n_chunks = (n + rpc - 1) // rpc
+    cdef Py_ssize_t c, i, i0, i1
+    for c in prange(n_chunks, schedule="static", nogil=True, num_threads=n_threads):
+        i0 = c * rpc
+        i1 = i0 + rpc
+        if i1 > n:
+            i1 = n
+        for i in range(i0, i1):
+            _add_rows(&bits[i, 0], &W[0, 0], K, M, &out[i, 0])

@@ -1,0 +1,516 @@
+"""Switching curves, device populations and their sampling tables.
+
+A device switches under a current pulse ``I`` (amperes) with probability
+
+    P(I) = p_lo + (p_hi - p_lo) * expit((I - i50) / scale)
+
+and its *programming window* (P from 0.1 to 0.9 of the sigmoid part) is
+``W = 2 ln(9) * scale``.  See shared/DESIGN.md.
+"""
+import json
+import math
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy.special import expit
+
+from . import _kernels
+from ._utils import (as_float_array, as_per_device, effective_n_threads,
+                     seed_from_random_state)
+
+__all__ = ["DevicePopulation", "switching_probability", "WINDOW_PER_SCALE",
+           "DEFAULT_I50_PER_UM", "DEFAULT_WINDOW_FRACTION"]
+
+#: Programming window (P = 0.1 -> 0.9) in units of the sigmoid scale.
+WINDOW_PER_SCALE = 2.0 * math.log(9.0)
+
+#: ASSUMPTION (not a figure from the paper): bias current per micrometre of
+#: device width, in A/um.  1e-4 A/um gives I50 = 2 mA at 20 um, the order of
+#: magnitude of critical currents in um-wide heavy-metal/ferromagnet SOT bars.
+DEFAULT_I50_PER_UM = 1.0e-4
+
+#: ASSUMPTION: programming window as a fraction of I50 (0.15 -> 0.3 mA at
+#: 20 um), as in narrow thermally-activated SOT switching curves.  Window and
+#: I50 are both linear in width, so the ratio is width independent.
+DEFAULT_WINDOW_FRACTION = 0.15
+
+#: Default sampling table: grid points per device and the grid half-span in
+#: units of ``scale`` around ``i50``.  With 1024 points over +-10 scales the
+#: sampled probability differs from the exact curve by < 1e-4 (interpolation
+#: error ~5e-6, clamping beyond the grid 4.5e-5); see ``table_error``.
+DEFAULT_TABLE_POINTS = 1024
+DEFAULT_TABLE_SPAN = 10.0
+
+FORMAT_NAME = "sotcore.population"
+FORMAT_VERSION = 1
+
+_TWO32 = 4294967296.0
+
+
+def switching_probability(current, i50, scale, p_lo=0.0, p_hi=1.0):
+    """Exact switching probability of the sigmoid device model (NumPy)."""
+    return p_lo + (p_hi - p_lo) * expit((np.asarray(current, dtype=np.float64) - i50) / scale)
+
+
+def _lognormal_factor(rng, cv, size):
+    """Positive factors with mean 1 and coefficient of variation ``cv``."""
+    if cv == 0:
+        return np.ones(size)
+    sigma = math.sqrt(math.log1p(cv * cv))
+    return rng.lognormal(mean=-0.5 * sigma * sigma, sigma=sigma, size=size)
+
+
+def _check_scalar(x, name, *, low=None, high=None, low_open=False, integer=False):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if integer and not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if low is not None and (x <= low if low_open else x < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {x}")
+    if high is not None and x > high:
+        raise ValueError(f"{name} must be <= {high}, got {x}")
+    return int(x) if integer else float(x)
+
+
+class DevicePopulation:
+    """A population of stochastic SOT devices, one per neuron.
+
+    Parameters
+    ----------
+    i50 : array-like of shape (n_devices,)
+        Bias current of each device, in amperes (P halfway between p_lo and p_hi).
+    scale : array-like of shape (n_devices,)
+        Sigmoid scale in amperes (> 0); the programming window is
+        ``WINDOW_PER_SCALE * scale``.
+    p_lo, p_hi : float or array-like, default 0 and 1
+        Switching probability far below / above ``i50`` (read errors,
+        incomplete switching).  A stuck device has ``p_lo == p_hi``.
+    width : float or array-like, default NaN
+        Device width in micrometres (metadata used by width studies).
+    tables : tuple (grid_lo, grid_hi, probs), optional
+        Non-parametric curves for some devices: ``probs[k]`` is device
+        ``table_devices[k]``'s switching probability on the uniform grid from
+        ``grid_lo[k]`` to ``grid_hi[k]`` (linear interpolation between grid
+        points, clamped outside).  Such devices ignore their sigmoid in
+        ``probability``; their ``i50``/``scale`` are summaries only.
+    table_devices : array-like of int, optional
+        Which devices ``tables`` describe (default: all).
+    table_points : int, default 1024
+        Grid points of the sampling table of each sigmoid device.
+    table_span : float, default 10
+        Half-width of that grid, in units of ``scale`` around ``i50``.
+    meta : dict, optional
+        Free-form JSON-serialisable metadata saved with the population.
+    """
+
+    def __init__(self, i50, scale, p_lo=0.0, p_hi=1.0, width=np.nan, *, tables=None,
+                 table_devices=None, table_points=DEFAULT_TABLE_POINTS,
+                 table_span=DEFAULT_TABLE_SPAN, meta=None):
+        i50 = as_float_array(i50, "i50", ndim=1)
+        n = i50.shape[0]
+        if n == 0:
+            raise ValueError("a DevicePopulation needs at least one device (i50 is empty)")
+        self.i50 = i50.copy()
+        self.scale = as_per_device(scale, "scale", n, positive=True)
+        self.p_lo = as_per_device(p_lo, "p_lo", n, low=0.0, high=1.0)
+        self.p_hi = as_per_device(p_hi, "p_hi", n, low=0.0, high=1.0)
+        w = np.asarray(width, dtype=np.float64) if np.ndim(width) == 0 else width
+        if np.ndim(w) == 0 and np.isnan(w):
+            self.width = np.full(n, np.nan)
+        else:
+            self.width = as_per_device(width, "width", n, positive=True)
+        self.table_points = _check_scalar(table_points, "table_points", low=2, integer=True)
+        if self.table_points > 1 << 20:
+            raise ValueError(f"table_points must be <= {1 << 20}, got {self.table_points}")
+        self.table_span = _check_scalar(table_span, "table_span", low=0, low_open=True)
+        self.meta = dict(meta) if meta else {}
+        self._nonparam = np.zeros(n, dtype=bool)
+        self._np_lo = np.zeros(0)
+        self._np_hi = np.zeros(0)
+        self._np_prob = np.zeros((0, self.table_points))
+        self._np_index = np.full(n, -1, dtype=np.intp)
+        if tables is not None:
+            self._set_tables(tables, table_devices)
+        self._table_cache = None
+
+    # -- construction -----------------------------------------------------------------
+    def _set_tables(self, tables, table_devices):
+        n = len(self)
+        try:
+            glo, ghi, probs = tables
+        except (TypeError, ValueError):
+            raise TypeError("tables must be a tuple (grid_lo, grid_hi, probs)") from None
+        probs = as_float_array(probs, "tables probs", ndim=2)
+        k, G = probs.shape
+        if G < 2:
+            raise ValueError(f"tables probs needs at least 2 grid points per device, got {G}")
+        if table_devices is None:
+            idx = np.arange(n)
+        else:
+            idx = np.asarray(table_devices)
+            if idx.dtype.kind not in "iu" or idx.ndim != 1:
+                raise TypeError("table_devices must be a 1-D array of device indices")
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"table_devices must be in [0, {n}), got {idx.min()}..{idx.max()}")
+            if np.unique(idx).size != idx.size:
+                raise ValueError("table_devices contains repeated devices")
+        if idx.shape[0] != k:
+            raise ValueError(f"tables probs has {k} rows but {idx.shape[0]} devices are named")
+        glo = as_per_device(glo, "tables grid_lo", k)
+        ghi = as_per_device(ghi, "tables grid_hi", k)
+        if k and not (ghi > glo).all():
+            raise ValueError("tables grid_hi must be > grid_lo for every device")
+        if probs.size and (probs.min() < 0 or probs.max() > 1):
+            raise ValueError("tables probs must lie in [0, 1]")
+        self.table_points = G
+        self._nonparam[:] = False
+        self._nonparam[idx] = True
+        self._np_index[:] = -1
+        self._np_index[idx] = np.arange(k)
+        self._np_lo, self._np_hi, self._np_prob = glo, ghi, probs.copy()
+
+    @classmethod
+    def from_width(cls, width_um, n_devices, variability=0.10, *, window_variability=None,
+                   i50_per_um=DEFAULT_I50_PER_UM, window_fraction=DEFAULT_WINDOW_FRACTION,
+                   stuck_fraction=0.0, read_error=0.0, random_state=None, **kwargs):
+        """Draw a population from the width/variability model.
+
+        Model (every constant is an ASSUMPTION, not the paper's figure):
+        ``I50 = i50_per_um * w * F1`` and ``W = window_fraction * i50_per_um
+        * w * F2`` with F1, F2 independent log-normal factors of mean 1 and
+        coefficient of variation ``variability`` (``window_variability``,
+        default the same).  Both nominal values are linear in width ``w``;
+        log-normal keeps currents and windows positive at any spread.
+
+        Parameters
+        ----------
+        width_um : float or array-like of shape (n_devices,)
+            Device width(s) in micrometres (> 0).
+        n_devices : int
+            Number of devices (>= 1).
+        variability : float, default 0.10
+            Device-to-device coefficient of variation of I50 (and of the window).
+        stuck_fraction : float, default 0
+            Fraction of devices stuck at 0 or 1 (each with probability 1/2).
+        read_error : float, default 0
+            Read-error floor: ``p_lo = read_error``, ``p_hi = 1 - read_error``.
+        random_state : int, RandomState, Generator or None
+        **kwargs
+            Passed to the constructor (``table_points``, ``table_span``, ``meta``).
+        """
+        n = _check_scalar(n_devices, "n_devices", low=1, integer=True)
+        width = as_per_device(width_um, "width_um", n, positive=True)
+        variability = _check_scalar(variability, "variability", low=0.0, high=5.0)
+        wv = variability if window_variability is None else _check_scalar(
+            window_variability, "window_variability", low=0.0, high=5.0)
+        i50_per_um = _check_scalar(i50_per_um, "i50_per_um", low=0.0, low_open=True)
+        window_fraction = _check_scalar(window_fraction, "window_fraction", low=0.0, low_open=True)
+        stuck_fraction = _check_scalar(stuck_fraction, "stuck_fraction", low=0.0, high=1.0)
+        read_error = _check_scalar(read_error, "read_error", low=0.0, high=0.5)
+        rng = np.random.default_rng(seed_from_random_state(random_state))
+        i50 = i50_per_um * width * _lognormal_factor(rng, variability, n)
+        window = window_fraction * i50_per_um * width * _lognormal_factor(rng, wv, n)
+        p_lo = np.full(n, read_error)
+        p_hi = np.full(n, 1.0 - read_error)
+        stuck = rng.random(n) < stuck_fraction
+        level = (rng.random(n) < 0.5).astype(np.float64)
+        p_lo[stuck] = p_hi[stuck] = level[stuck]
+        meta = dict(kwargs.pop("meta", {}) or {})
+        meta.setdefault("model", {
+            "width_um": float(width[0]) if np.all(width == width[0]) else "per-device",
+            "variability": variability, "window_variability": wv,
+            "i50_per_um": i50_per_um, "window_fraction": window_fraction,
+            "stuck_fraction": stuck_fraction, "read_error": read_error})
+        return cls(i50, window / WINDOW_PER_SCALE, p_lo, p_hi, width, meta=meta, **kwargs)
+
+    # -- basic protocol -----------------------------------------------------------------
+    def __len__(self):
+        return self.i50.shape[0]
+
+    def __repr__(self):
+        w = self.width[np.isfinite(self.width)]
+        ws = f", width={np.median(w):.3g} um" if w.size else ""
+        return (f"DevicePopulation(n_devices={len(self)}{ws}, "
+                f"i50={np.median(self.i50) * 1e3:.4g} mA (median), "
+                f"window={np.median(self.window) * 1e3:.4g} mA (median), "
+                f"nonparametric={int(self._nonparam.sum())}, "
+                f"stuck={int(self.stuck.sum())})")
+
+    def __getitem__(self, index):
+        """A sub-population (``index``: slice, integer array or boolean mask)."""
+        idx = np.arange(len(self))[index]
+        idx = np.atleast_1d(idx)
+        if idx.size == 0:
+            raise ValueError("a sub-population must keep at least one device")
+        sub = DevicePopulation(self.i50[idx], self.scale[idx], self.p_lo[idx], self.p_hi[idx],
+                               self.width[idx] if np.isfinite(self.width[idx]).all() else np.nan,
+                               table_points=self.table_points, table_span=self.table_span,
+                               meta=self.meta)
+        npi = self._np_index[idx]
+        keep = npi >= 0
+        if keep.any():
+            sub._set_tables((self._np_lo[npi[keep]], self._np_hi[npi[keep]],
+                             self._np_prob[npi[keep]]), np.flatnonzero(keep))
+        return sub
+
+    @property
+    def n_devices(self):
+        return len(self)
+
+    @property
+    def window(self):
+        """Programming window (P 0.1 -> 0.9 of the sigmoid part), amperes."""
+        return WINDOW_PER_SCALE * self.scale
+
+    @property
+    def stuck(self):
+        """Boolean mask of stuck devices (``p_lo == p_hi``)."""
+        return self.p_lo == self.p_hi
+
+    @property
+    def nonparametric(self):
+        """Boolean mask of devices described by a measured table, not a sigmoid."""
+        return self._nonparam.copy()
+
+    # -- curves -------------------------------------------------------------------------
+    def _check_currents(self, current, name="current", allow_float32=False):
+        arr = as_float_array(current, name, ndim=(1, 2), allow_float32=allow_float32)
+        if arr.ndim == 1:
+            arr = arr.reshape(1, -1)
+        if arr.shape[1] != len(self):
+            raise ValueError(f"{name} must have shape (n, {len(self)}) (one column per "
+                             f"device), got {arr.shape}")
+        return arr
+
+    def probability(self, current):
+        """Switching probability of each device at the given currents.
+
+        Parameters
+        ----------
+        current : array-like of shape (n, n_devices) or (n_devices,)
+            Pulse currents in amperes; column ``j`` drives device ``j``.
+
+        Returns
+        -------
+        ndarray of float64, same shape, values in [0, 1]
+        """
+        arr = self._check_currents(current)
+        p = switching_probability(arr, self.i50, self.scale, self.p_lo, self.p_hi)
+        if self._nonparam.any():
+            cols = np.flatnonzero(self._nonparam)
+            k = self._np_index[cols]
+            p[:, cols] = _interp_rows(arr[:, cols], self._np_lo[k], self._np_hi[k],
+                                      self._np_prob[k])
+        return p.reshape(np.shape(current)) if np.ndim(current) == 1 else p
+
+    def derivative(self, current):
+        """dP/dI of each device (1/A) at the given currents (same shapes as ``probability``)."""
+        arr = self._check_currents(current)
+        s = expit((arr - self.i50) / self.scale)
+        d = (self.p_hi - self.p_lo) / self.scale * s * (1.0 - s)
+        if self._nonparam.any():
+            cols = np.flatnonzero(self._nonparam)
+            k = self._np_index[cols]
+            d[:, cols] = _interp_slope_rows(arr[:, cols], self._np_lo[k], self._np_hi[k],
+                                            self._np_prob[k])
+        return d.reshape(np.shape(current)) if np.ndim(current) == 1 else d
+
+    # -- sampling tables ----------------------------------------------------------------
+    def table(self):
+        """The per-device sampling table the compiled sampler reads.
+
+        Returns
+        -------
+        grid_lo, grid_hi : ndarray of shape (n_devices,)
+            Current range of each device's uniform grid (amperes).
+        thresholds : ndarray of uint32, shape (n_devices, table_points)
+            ``round(P * 2**32)`` at each grid point (capped at 2**32 - 1, so
+            P = 1 samples as 1 - 2**-32).
+        """
+        if self._table_cache is None:
+            n, G = len(self), self.table_points
+            lo = self.i50 - self.table_span * self.scale
+            hi = self.i50 + self.table_span * self.scale
+            if self._nonparam.any():
+                cols = np.flatnonzero(self._nonparam)
+                lo[cols] = self._np_lo[self._np_index[cols]]
+                hi[cols] = self._np_hi[self._np_index[cols]]
+            grid = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, G)[None, :]
+            prob = switching_probability(grid, self.i50[:, None], self.scale[:, None],
+                                         self.p_lo[:, None], self.p_hi[:, None])
+            if self._nonparam.any():
+                prob[cols] = self._np_prob[self._np_index[cols]]
+            thr = np.minimum(np.rint(prob * _TWO32), _TWO32 - 1).astype(np.uint32)
+            # Per-device affine map from amperes to grid coordinates.
+            a = (G - 1) / (hi - lo)
+            b = -lo * a
+            for arr in (lo, hi, thr, a, b):
+                arr.setflags(write=False)
+            assert thr.shape == (n, G)
+            self._table_cache = {"lo": lo, "hi": hi, "thr": thr,
+                                 np.float64: (a, b),
+                                 np.float32: (a.astype(np.float32), b.astype(np.float32))}
+        c = self._table_cache
+        return c["lo"], c["hi"], c["thr"]
+
+    def table_probability(self, current):
+        """What the sampler draws: the table linearly interpolated (NumPy reference)."""
+        arr = self._check_currents(current)
+        lo, hi, thr = self.table()
+        return _interp_rows(arr, lo, hi, thr / _TWO32)
+
+    def table_error(self, n_points=4001):
+        """Largest |table_probability - probability| over each device's range.
+
+        Evaluated on ``n_points`` currents spanning twice each device's grid
+        (so the clamping beyond the grid is included).
+        """
+        lo, hi, _ = self.table()
+        u = np.linspace(-0.5, 1.5, n_points)[:, None]
+        cur = lo[None, :] + (hi - lo)[None, :] * u
+        return float(np.max(np.abs(self.table_probability(cur) - self.probability(cur))))
+
+    def sample(self, current, random_state=None, n_threads=None, *, stream=0, row_offset=0):
+        """Draw each device's switching bit for each pulse.
+
+        Parameters
+        ----------
+        current : array-like of shape (n, n_devices) or (n_devices,)
+            Pulse currents in amperes.  float32 input is sampled without
+            conversion (faster); anything else is converted to float64.
+        random_state : int, RandomState, Generator or None
+            Turned into one 64-bit seed per call.
+        n_threads : int or None
+            Threads for the kernel; the bits do not depend on it.
+        stream, row_offset : int
+            Advanced: bits for row ``i`` come from stream ``stream``, counter
+            row ``row_offset + i``, so a large array can be sampled in pieces
+            with the same result as in one call.
+
+        Returns
+        -------
+        ndarray of uint8 (0/1), same shape as ``current``
+        """
+        arr = self._check_currents(current, allow_float32=True)
+        seed = seed_from_random_state(random_state)
+        return self._sample_seeded(arr, seed, n_threads, stream, row_offset).reshape(
+            np.shape(current))
+
+    def _sample_seeded(self, arr, seed, n_threads=None, stream=0, row_offset=0, out=None):
+        """Sample validated C-contiguous (n, n_devices) currents with a known seed."""
+        thr = self.table()[2]
+        a, b = self._table_cache[arr.dtype.type]
+        if out is None:
+            out = np.empty(arr.shape, dtype=np.uint8)
+        _kernels.sample_table(arr, a, b, thr, np.uint64(seed), np.uint64(stream),
+                              np.uint64(row_offset), out, effective_n_threads(n_threads))
+        return out
+
+    # -- persistence --------------------------------------------------------------------
+    def to_dict(self):
+        """A JSON-serialisable description (arrays as lists of floats)."""
+        from . import __version__
+        d = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "sotcore_version": __version__,
+            "n_devices": len(self), "units": {"current": "A", "width": "um"},
+            "i50": self.i50.tolist(), "scale": self.scale.tolist(),
+            "p_lo": self.p_lo.tolist(), "p_hi": self.p_hi.tolist(),
+            "width": [None if not np.isfinite(w) else float(w) for w in self.width],
+            "table_points": self.table_points, "table_span": self.table_span,
+            "meta": self.meta,
+        }
+        if self._nonparam.any():
+            cols = np.flatnonzero(self._nonparam)
+            k = self._np_index[cols]
+            d["tables"] = {"devices": cols.tolist(), "grid_lo": self._np_lo[k].tolist(),
+                           "grid_hi": self._np_hi[k].tolist(), "probs": self._np_prob[k].tolist()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d, *, source="population"):
+        """Inverse of ``to_dict``; ``source`` names the origin in error messages."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT_NAME:
+            raise ValueError(f"{source}: not a sotcore population file "
+                             f"(format is {d.get('format')!r}, expected {FORMAT_NAME!r})")
+        version = d.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"{source}: missing or invalid format version {version!r}")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{source}: population format version {version} is newer than "
+                             f"this sotcore reads (<= {FORMAT_VERSION}); upgrade sotcore")
+        missing = [k for k in ("i50", "scale", "p_lo", "p_hi", "width") if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+        n = d.get("n_devices")
+        try:
+            width = np.array([np.nan if w is None else w for w in d["width"]], dtype=np.float64)
+            width = np.nan if np.isnan(width).any() else width
+            tables = d.get("tables")
+            kwargs = {}
+            if tables is not None:
+                kwargs["tables"] = (tables["grid_lo"], tables["grid_hi"], tables["probs"])
+                kwargs["table_devices"] = np.asarray(tables["devices"], dtype=np.intp)
+            pop = cls(d["i50"], d["scale"], d["p_lo"], d["p_hi"], width,
+                      table_points=d.get("table_points", DEFAULT_TABLE_POINTS),
+                      table_span=d.get("table_span", DEFAULT_TABLE_SPAN),
+                      meta=d.get("meta") or {}, **kwargs)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{source}: invalid population data: {exc}") from None
+        if n is not None and n != len(pop):
+            raise ValueError(f"{source}: n_devices is {n} but the arrays hold {len(pop)} devices")
+        return pop
+
+    def save(self, path):
+        """Write the population to a versioned JSON file (no pickle)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, allow_nan=False)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path):
+        """Read a population written by ``save``; never executes code from the file."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"population file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text (JSON) file") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                             f"column {exc.colno}); the file may be truncated") from None
+        return cls.from_dict(d, source=str(path))
+
+
+def _interp_rows(cur, lo, hi, probs):
+    """Per-column linear interpolation of ``probs[j]`` on [lo_j, hi_j], clamped."""
+    G = probs.shape[1]
+    x = np.clip((cur - lo) * ((G - 1) / (hi - lo)), 0.0, G - 1)
+    g = np.minimum(x.astype(np.intp), G - 2)
+    f = x - g
+    flat = probs.ravel()
+    base = g + (np.arange(probs.shape[0]) * G)[None, :]
+    return flat[base] * (1.0 - f) + flat[base + 1] * f
+
+
+def _interp_slope_rows(cur, lo, hi, probs):
+    """Slope (per ampere) of the piecewise-linear table at ``cur`` (0 outside the grid)."""
+    G = probs.shape[1]
+    step = (hi - lo) / (G - 1)
+    x = (cur - lo) / step
+    inside = (x >= 0) & (x <= G - 1)
+    g = np.clip(x.astype(np.intp), 0, G - 2)
+    flat = probs.ravel()
+    base = g + (np.arange(probs.shape[0]) * G)[None, :]
+    return np.where(inside, (flat[base + 1] - flat[base]) / step, 0.0)
