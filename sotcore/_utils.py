@@ -36,6 +36,12 @@ def seed_from_random_state(random_state):
     """Turn ``random_state`` into one 64-bit seed (drawn once per call)."""
     if isinstance(random_state, np.random.Generator):
         return int(random_state.integers(0, 2**64, dtype=np.uint64))
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, (bool, np.bool_)):
+        if random_state < 0:
+            raise ValueError(f"random_state must be a non-negative integer, got {random_state}")
+        # Any size of integer seed; SeedSequence hashes it into independent bits.
+        hi, lo = np.random.SeedSequence(int(random_state)).generate_state(2, dtype=np.uint32)
+        return int((int(hi) << 32) | int(lo))
     rs = check_random_state(random_state)
     hi, lo = rs.randint(0, 2**32, size=2, dtype=np.uint64)
     return int((int(hi) << 32) | int(lo))

@@ -1,0 +1,299 @@
+"""Device backends: where a network's hidden neurons get their bits.
+
+A backend owns ``n_devices`` devices.  The network asks it to apply one pulse
+per (row, device) and return the switched bits::
+
+    bits = backend.pulse(currents, devices=slice(0, 500))   # uint8 0/1
+
+``currents`` has shape (n, k) in amperes and ``devices`` names the k devices
+(a slice or an integer array).  Each row is one pulse on each named device,
+after which the device is reset.  Anything that implements ``n_devices`` and
+``pulse`` is a backend; subclass :class:`DeviceBackend` to get validation.
+"""
+import time
+
+import numpy as np
+
+from ._utils import as_float_array, seed_from_random_state
+from .devices import DevicePopulation
+
+__all__ = ["DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
+           "ReplayBackend", "BackendError"]
+
+
+class BackendError(RuntimeError):
+    """A device backend failed or returned something that is not a bit array."""
+
+
+def _device_index(devices, n_devices):
+    """Normalise ``devices`` to a slice or an int array inside [0, n_devices)."""
+    if devices is None:
+        return slice(0, n_devices)
+    if isinstance(devices, slice):
+        start, stop, step = devices.indices(n_devices)
+        if step != 1:
+            return np.arange(start, stop, step)
+        if stop <= start:
+            raise ValueError(f"devices {devices} selects no device of {n_devices}")
+        return slice(start, stop)
+    idx = np.asarray(devices)
+    if idx.dtype.kind not in "iu" or idx.ndim != 1 or idx.size == 0:
+        raise TypeError("devices must be a slice or a non-empty 1-D integer array")
+    if idx.min() < 0 or idx.max() >= n_devices:
+        raise ValueError(f"devices must lie in [0, {n_devices}), got {idx.min()}..{idx.max()}")
+    return idx
+
+
+def _count(devices):
+    if isinstance(devices, slice):
+        return devices.stop - devices.start
+    return devices.shape[0]
+
+
+class DeviceBackend:
+    """Base class: validates requests and counts pulses; subclasses implement ``_pulse``."""
+
+    n_devices = 0
+
+    def __init__(self):
+        self.pulse_counts = np.zeros(self.n_devices, dtype=np.int64)
+
+    def pulse(self, currents, devices=None):
+        """Apply one pulse per (row, device); return uint8 bits of the same shape."""
+        devices = _device_index(devices, self.n_devices)
+        k = _count(devices)
+        arr = as_float_array(currents, "currents", ndim=2, allow_float32=True)
+        if arr.shape[1] != k:
+            raise ValueError(f"currents must have {k} columns (one per requested device), "
+                             f"got shape {arr.shape}")
+        bits = self._pulse(arr, devices)
+        self.pulse_counts[devices] += arr.shape[0]
+        return bits
+
+    def _pulse(self, currents, devices):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def device_curves(self):
+        """A DevicePopulation describing the devices if this backend knows one, else None."""
+        return None
+
+
+class EmulatedBackend(DeviceBackend):
+    """Emulated devices: the compiled table sampler on a :class:`DevicePopulation`.
+
+    Each call draws from a fresh counter-based stream (seed, call number), so a
+    run is reproducible from ``random_state`` alone and independent of threads.
+    """
+
+    def __init__(self, population, random_state=None, n_threads=None):
+        if not isinstance(population, DevicePopulation):
+            raise TypeError(f"population must be a DevicePopulation, got "
+                            f"{type(population).__name__}")
+        self.population = population
+        self.n_devices = len(population)
+        self.n_threads = n_threads
+        self.seed = seed_from_random_state(random_state)
+        self.calls = 0
+        self._subpops = {}
+        super().__init__()
+
+    def _subpop(self, devices):
+        if isinstance(devices, slice) and devices == slice(0, self.n_devices):
+            return self.population
+        key = (devices.start, devices.stop) if isinstance(devices, slice) else devices.tobytes()
+        sub = self._subpops.get(key)
+        if sub is None:
+            sub = self.population[devices]
+            self._subpops[key] = sub
+        return sub
+
+    def _pulse(self, currents, devices):
+        bits = self._subpop(devices)._sample_seeded(currents, self.seed, self.n_threads,
+                                                    stream=self.calls)
+        self.calls += 1
+        return bits
+
+    def device_curves(self):
+        return self.population
+
+
+class InstrumentBackend(DeviceBackend):
+    """Wrap a user's instrument code as a backend.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(currents, device_indices) -> bits``: ``currents`` float64 (n, k)
+        amperes, ``device_indices`` int64 (k,); must return n x k values in
+        {0, 1} (bool or integer dtype, or floats equal to 0/1).
+    n_devices : int
+        Number of devices the instrument drives.
+    pulse_duration : float, default 10e-9
+        Seconds per pulse, including reset and read (ASSUMPTION: 10 ns pulses
+        as in SOT switching experiments; set it to your instrument's figure).
+    parallel : bool, default True
+        Whether one row's pulses hit all its devices at once (crossbar-style).
+        The implied hardware time is ``rows * pulse_duration`` if True, else
+        ``pulses * pulse_duration``.
+    max_batch : int, default 4096
+        Largest number of rows sent to ``fn`` in one call.
+    curves : DevicePopulation, optional
+        A calibration of the devices (used by the ``calibrated`` surrogate).
+    """
+
+    def __init__(self, fn, n_devices, *, pulse_duration=10e-9, parallel=True, max_batch=4096,
+                 curves=None):
+        if not callable(fn):
+            raise TypeError("fn must be callable: fn(currents, device_indices) -> bits")
+        if isinstance(n_devices, bool) or not isinstance(n_devices, (int, np.integer)) \
+                or n_devices < 1:
+            raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
+        if not (isinstance(max_batch, (int, np.integer)) and max_batch >= 1):
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if not (np.isfinite(pulse_duration) and pulse_duration > 0):
+            raise ValueError(f"pulse_duration must be > 0 seconds, got {pulse_duration!r}")
+        if curves is not None and (not isinstance(curves, DevicePopulation)
+                                   or len(curves) != n_devices):
+            raise ValueError("curves must be a DevicePopulation with one entry per device")
+        self.fn = fn
+        self.n_devices = int(n_devices)
+        self.pulse_duration = float(pulse_duration)
+        self.parallel = bool(parallel)
+        self.max_batch = int(max_batch)
+        self.curves = curves
+        self.rows = 0
+        self.wall_time = 0.0
+        super().__init__()
+
+    def _pulse(self, currents, devices):
+        idx = (np.arange(devices.start, devices.stop) if isinstance(devices, slice)
+               else devices).astype(np.int64)
+        n, k = currents.shape
+        out = np.empty((n, k), dtype=np.uint8)
+        cur64 = np.asarray(currents, dtype=np.float64)
+        for s in range(0, n, self.max_batch):
+            chunk = cur64[s:s + self.max_batch]
+            t0 = time.perf_counter()
+            try:
+                res = self.fn(chunk.copy(), idx.copy())
+            except Exception as exc:
+                raise BackendError(f"instrument call failed on rows {s}..{s + len(chunk) - 1}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            self.wall_time += time.perf_counter() - t0
+            out[s:s + len(chunk)] = self._check_bits(res, chunk.shape)
+        self.rows += n
+        return out
+
+    @staticmethod
+    def _check_bits(res, shape):
+        try:
+            arr = np.asarray(res)
+        except Exception:
+            raise BackendError("instrument returned something that is not an array") from None
+        if arr.shape != shape:
+            raise BackendError(f"instrument returned shape {arr.shape}, expected {shape}")
+        if arr.dtype.kind not in "biuf":
+            raise BackendError(f"instrument returned dtype {arr.dtype}, expected 0/1 values")
+        if arr.size and not np.isin(arr, (0, 1)).all():
+            bad = arr[~np.isin(arr, (0, 1))].flat[0]
+            raise BackendError(f"instrument returned non-binary value {bad!r}")
+        return arr.astype(np.uint8)
+
+    @property
+    def hardware_time(self):
+        """Seconds of pulsing implied by the pulses so far (see ``parallel``)."""
+        n = self.rows if self.parallel else int(self.pulse_counts.sum())
+        return n * self.pulse_duration
+
+    def device_curves(self):
+        return self.curves
+
+
+class RecordingBackend(DeviceBackend):
+    """Log every request (currents, devices) and answer (bits) of another backend.
+
+    ``replay()`` gives a backend that answers the same requests with the same
+    bits, bit-exactly; ``records()`` flattens the log into per-pulse records
+    ``(device, current, switched)`` for re-calibration.
+    """
+
+    def __init__(self, inner, max_records=None):
+        self.inner = inner
+        self.n_devices = inner.n_devices
+        self.max_records = max_records
+        self.log = []
+        super().__init__()
+
+    def _pulse(self, currents, devices):
+        bits = self.inner.pulse(currents, devices)
+        self.log.append((np.array(currents, copy=True), devices, bits.copy()))
+        if self.max_records is not None:
+            while sum(c.size for c, _, _ in self.log) > self.max_records and len(self.log) > 1:
+                self.log.pop(0)
+        return bits
+
+    def device_curves(self):
+        return self.inner.device_curves()
+
+    def records(self, last=None):
+        """Per-pulse records of the last ``last`` requests (all by default).
+
+        Returns a dict of 1-D arrays ``device``, ``current``, ``switched``.
+        """
+        log = self.log if last is None else self.log[-last:]
+        dev, cur, sw = [], [], []
+        for c, d, b in log:
+            idx = np.arange(d.start, d.stop) if isinstance(d, slice) else d
+            dev.append(np.broadcast_to(idx, c.shape).ravel())
+            cur.append(np.asarray(c, dtype=np.float64).ravel())
+            sw.append(b.ravel())
+        if not dev:
+            return {"device": np.zeros(0, np.int64), "current": np.zeros(0),
+                    "switched": np.zeros(0, np.uint8)}
+        return {"device": np.concatenate(dev).astype(np.int64), "current": np.concatenate(cur),
+                "switched": np.concatenate(sw)}
+
+    def replay(self):
+        return ReplayBackend(self.log, self.n_devices)
+
+    def save(self, path):
+        """Save the log to a ``.npz`` file (no pickle)."""
+        arrays = {}
+        for i, (c, d, b) in enumerate(self.log):
+            idx = np.arange(d.start, d.stop) if isinstance(d, slice) else d
+            arrays[f"c{i}"], arrays[f"d{i}"], arrays[f"b{i}"] = c, idx, b
+        np.savez_compressed(path, n_devices=self.n_devices, n_calls=len(self.log), **arrays)
+
+
+class ReplayBackend(DeviceBackend):
+    """Answer a recorded sequence of requests with the recorded bits.
+
+    Raises :class:`BackendError` if a request differs from the recording
+    (different currents or devices) or the recording runs out.
+    """
+
+    def __init__(self, log, n_devices):
+        self.n_devices = int(n_devices)
+        self._log = list(log)
+        self._pos = 0
+        super().__init__()
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path, allow_pickle=False) as z:
+            n = int(z["n_calls"])
+            log = [(z[f"c{i}"], z[f"d{i}"], z[f"b{i}"]) for i in range(n)]
+            return cls(log, int(z["n_devices"]))
+
+    def _pulse(self, currents, devices):
+        if self._pos >= len(self._log):
+            raise BackendError(f"replay exhausted after {len(self._log)} recorded requests")
+        c, d, b = self._log[self._pos]
+        idx = np.arange(devices.start, devices.stop) if isinstance(devices, slice) else devices
+        didx = np.arange(d.start, d.stop) if isinstance(d, slice) else d
+        if not np.array_equal(idx, didx) or c.shape != currents.shape or \
+                not np.array_equal(np.asarray(c), np.asarray(currents, dtype=c.dtype)):
+            raise BackendError(f"replay diverged at request {self._pos}: the currents or "
+                               f"devices differ from the recording")
+        self._pos += 1
+        return b.copy()

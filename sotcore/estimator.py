@@ -1,0 +1,333 @@
+"""SOTClassifier: a scikit-learn classifier whose hidden neurons are SOT devices."""
+import numbers
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._utils import seed_from_random_state
+from .backends import EmulatedBackend
+from .devices import DevicePopulation
+from .network import CurrentMapping
+from .training import (MODES, SURROGATES, make_surrogate, nominal_curve, nominal_population,
+                       train_network)
+
+__all__ = ["SOTClassifier"]
+
+#: Width (um) of the devices drawn when ``devices=None``: ideal copies of the
+#: default model's nominal device at this width (an ASSUMPTION, see devices.py).
+DEFAULT_WIDTH_UM = 20.0
+
+
+def _is_backend(obj):
+    return hasattr(obj, "pulse") and hasattr(obj, "n_devices")
+
+
+def _row_keys(X, seed):
+    """A 64-bit key per row that depends only on the row's values and ``seed``.
+
+    Used to draw inference noise per input, so predictions do not depend on
+    which other rows are in the batch or in which order.
+    """
+    Xc = np.ascontiguousarray(X, dtype=np.float32)
+    bits = Xc.view(np.uint32).astype(np.uint64)
+    mult = np.random.default_rng(seed).integers(1, 2**63, size=Xc.shape[1], dtype=np.uint64)
+    mult |= np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (bits * mult).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    return h
+
+
+class SOTClassifier(ClassifierMixin, BaseEstimator):
+    """Multilayer classifier of stochastic SOT-device neurons.
+
+    Parameters
+    ----------
+    hidden_layer_sizes : tuple of int, default (500,)
+        Hidden neurons per layer; each is one device.
+    devices : DevicePopulation, float, device backend or None, default None
+        The hidden neurons' devices.  A population (its first
+        ``sum(hidden_layer_sizes)`` devices are used); a width in micrometres
+        (a population is drawn from the default model with ``variability``);
+        a device backend (e.g. :class:`~sotcore.InstrumentBackend`) used for
+        the forward passes of ``hil`` training and for prediction; or None for
+        ideal copies of the nominal 20 um device.
+    training : {"hil", "software", "ex-situ", "hardware-aware"}, default "hil"
+        See :mod:`sotcore.training`.
+    surrogate : {"nominal", "calibrated", "straight-through"}, default "nominal"
+        Backward surrogate for ``hil``.  ``calibrated`` needs ``calibration``.
+    calibration : DevicePopulation or None
+        Measured device curves for the ``calibrated`` surrogate.
+    n_samples : int, default 32
+        Stochastic samples T averaged at prediction.
+    train_samples : int, default 1
+        Samples per input in each training step.
+    variability : float, default 0.10
+        Device-to-device spread when ``devices`` is a width.
+    hidden_layer_sizes, max_iter, batch_size, learning_rate_init, alpha, solver,
+    momentum, early_stopping, validation_fraction, n_iter_no_change, tol,
+    random_state, verbose
+        As in scikit-learn's MLPClassifier (``max_iter`` counts epochs).
+    mapping_unit : float or None
+        Amperes per network unit; default the nominal device's sigmoid scale.
+    n_threads : int or None
+        Threads of the compiled kernels (results do not depend on it).
+
+    Attributes
+    ----------
+    coefs_, intercepts_ : lists of ndarray
+    classes_ : ndarray
+    n_iter_ : int
+    loss_curve_ : list of float
+    validation_scores_ : list of float (with early_stopping)
+    devices_ : DevicePopulation or None
+        The population the hidden neurons were evaluated on (None for a
+        backend that does not describe its devices).
+    mapping_ : CurrentMapping
+    """
+
+    _parameter_constraints = {
+        "hidden_layer_sizes": ["array-like", Interval(numbers.Integral, 1, None, closed="left")],
+        # population, width or backend: checked in _resolve_devices
+        "devices": "no_validation",
+        "training": [StrOptions(set(MODES))],
+        "surrogate": [StrOptions(set(SURROGATES))],
+        "calibration": [DevicePopulation, None],
+        "n_samples": [Interval(numbers.Integral, 1, None, closed="left")],
+        "train_samples": [Interval(numbers.Integral, 1, None, closed="left")],
+        "variability": [Interval(numbers.Real, 0, 5, closed="both")],
+        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "learning_rate_init": [Interval(numbers.Real, 0, None, closed="neither")],
+        "alpha": [Interval(numbers.Real, 0, None, closed="left")],
+        "solver": [StrOptions({"adam", "sgd"})],
+        "momentum": [Interval(numbers.Real, 0, 1, closed="both")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "mapping_unit": [Interval(numbers.Real, 0, None, closed="neither"), None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "n_threads": [Interval(numbers.Integral, None, None, closed="neither"), None],
+    }
+
+    def __init__(self, hidden_layer_sizes=(500,), devices=None, training="hil",
+                 surrogate="nominal", calibration=None, n_samples=32, train_samples=1,
+                 variability=0.10, max_iter=30, batch_size=100, learning_rate_init=3e-3,
+                 alpha=1e-4, solver="adam", momentum=0.9, early_stopping=False,
+                 validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, mapping_unit=None,
+                 random_state=None, verbose=False, n_threads=None):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.devices = devices
+        self.training = training
+        self.surrogate = surrogate
+        self.calibration = calibration
+        self.n_samples = n_samples
+        self.train_samples = train_samples
+        self.variability = variability
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.learning_rate_init = learning_rate_init
+        self.alpha = alpha
+        self.solver = solver
+        self.momentum = momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.mapping_unit = mapping_unit
+        self.random_state = random_state
+        self.verbose = verbose
+        self.n_threads = n_threads
+
+    # -- set-up -------------------------------------------------------------------------
+    def _hidden_sizes(self):
+        h = self.hidden_layer_sizes
+        sizes = [h] if isinstance(h, numbers.Integral) else list(h)
+        if not sizes or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
+                            for s in sizes):
+            raise ValueError(f"hidden_layer_sizes must be positive integers, got {h!r}")
+        return [int(s) for s in sizes]
+
+    def _resolve_devices(self, n_needed, seed):
+        """Return (population or None, user backend or None)."""
+        d = self.devices
+        if d is None:
+            pop = DevicePopulation.from_width(DEFAULT_WIDTH_UM, n_needed, variability=0.0,
+                                              random_state=0)
+            return pop, None
+        if isinstance(d, DevicePopulation):
+            if len(d) < n_needed:
+                raise ValueError(f"devices has {len(d)} devices but hidden_layer_sizes needs "
+                                 f"{n_needed}")
+            return (d if len(d) == n_needed else d[:n_needed]), None
+        if isinstance(d, numbers.Real) and not isinstance(d, bool):
+            return DevicePopulation.from_width(float(d), n_needed, variability=self.variability,
+                                               random_state=seed), None
+        if _is_backend(d):
+            if d.n_devices < n_needed:
+                raise ValueError(f"the backend has {d.n_devices} devices but "
+                                 f"hidden_layer_sizes needs {n_needed}")
+            curves = d.device_curves() if hasattr(d, "device_curves") else None
+            if curves is not None and len(curves) > n_needed:
+                curves = curves[:n_needed]
+            return curves, d
+        raise TypeError("devices must be a DevicePopulation, a width in micrometres, a device "
+                        f"backend or None; got {type(d).__name__}")
+
+    # -- fit ------------------------------------------------------------------------------
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Train on (X, y) from scratch; returns self."""
+        return self._fit(X, y, incremental=False)
+
+    def partial_fit(self, X, y, classes=None):
+        """One more epoch on (X, y) (``classes`` required on the first call)."""
+        if not hasattr(self, "coefs_"):
+            self._validate_params()
+            if classes is None:
+                raise ValueError("classes must be passed on the first call to partial_fit")
+            self._partial_classes = np.asarray(classes)
+        return self._fit(X, y, incremental=True)
+
+    def _fit(self, X, y, incremental):
+        first = not (incremental and hasattr(self, "coefs_"))
+        X, y = validate_data(self, X, y, reset=first, dtype=np.float32)
+        check_classification_targets(y)
+        if first:
+            self._label_encoder = LabelEncoder()
+            if incremental:
+                self._label_encoder.fit(self._partial_classes)
+            else:
+                self._label_encoder.fit(y)
+            self.classes_ = self._label_encoder.classes_
+        unknown = np.setdiff1d(np.unique(y), self.classes_)
+        if unknown.size:
+            raise ValueError(f"y contains labels not seen in classes: {unknown[:5].tolist()}")
+        y_enc = self._label_encoder.transform(y)
+        n_classes = max(len(self.classes_), 2)
+        hidden = self._hidden_sizes()
+        n_needed = sum(hidden)
+        if self.training in ("ex-situ", "hardware-aware") and _is_backend(self.devices) \
+                and self.devices.device_curves() is None:
+            raise ValueError(f"training={self.training!r} needs known device curves; this "
+                             "backend does not describe its devices")
+        if first:
+            self.__dict__.pop("_train_state", None)
+            seed = seed_from_random_state(self.random_state)
+            self._seeds = np.random.default_rng(seed).integers(0, 2**63, size=4)
+            pop, user_backend = self._resolve_devices(n_needed, int(self._seeds[0]))
+            self.devices_ = pop
+            self._user_backend = user_backend
+            ref = pop if pop is not None else None
+            if ref is None:
+                raise ValueError("the backend must describe its devices (device_curves) so "
+                                 "that a nominal device can be derived; pass a population")
+            i50n, sn = nominal_curve(ref)
+            unit = float(self.mapping_unit) if self.mapping_unit is not None else sn
+            self.mapping_ = CurrentMapping(unit=unit)
+            self._nominal = (i50n, sn)
+            self._nominal_pop = nominal_population(ref)
+        i50n, sn = self._nominal
+        train_backend, surrogate = self._training_setup()
+        validation, Xt, yt = None, X, y_enc
+        if self.early_stopping and not incremental:
+            stratify = y_enc if np.bincount(y_enc).min() >= 2 else None
+            Xt, Xv, yt, yv = train_test_split(X, y_enc, test_size=self.validation_fraction,
+                                              random_state=int(self._seeds[2]) % 2**32,
+                                              stratify=stratify)
+            validation = (Xv, yv)
+        state = getattr(self, "_train_state", None) if not first else None
+        rng_seed = int(self._seeds[3]) + (0 if state is None else state["epoch"])
+        result, optimizer = train_network(
+            Xt, yt, n_classes, hidden_layer_sizes=hidden, backend=train_backend,
+            surrogate=surrogate, mapping=self.mapping_, hidden_bias=i50n / self.mapping_.unit,
+            train_samples=self.train_samples, max_iter=1 if incremental else self.max_iter,
+            batch_size=min(self.batch_size, len(Xt)), learning_rate=self.learning_rate_init,
+            alpha=self.alpha, solver=self.solver, momentum=self.momentum,
+            validation=validation, early_stopping=self.early_stopping,
+            n_iter_no_change=self.n_iter_no_change, tol=self.tol,
+            eval_fn=lambda net, Xv: self._proba(net, Xv, evaluation=False),
+            random_state=rng_seed, verbose=bool(self.verbose),
+            network=None if state is None else state["network"],
+            optimizer=None if state is None else state["optimizer"],
+            start_epoch=0 if state is None else state["epoch"],
+            history=None if state is None else state["history"])
+        self._network = result.network
+        self._train_state = {"network": result.network, "optimizer": optimizer,
+                             "epoch": result.n_iter, "history": result.history}
+        self.coefs_ = result.network.coefs
+        self.intercepts_ = result.network.intercepts
+        self.n_iter_ = result.n_iter
+        self.loss_curve_ = list(result.history["loss"])
+        if self.early_stopping:
+            self.validation_scores_ = list(result.history["val_accuracy"])
+        self.n_layers_ = len(hidden) + 2
+        self.n_outputs_ = n_classes
+        return self
+
+    def _training_setup(self):
+        """(forward backend, surrogate) for the chosen training mode."""
+        i50n, sn = self._nominal
+        # A fresh device stream per (partial_)fit call, reproducible from random_state.
+        state = getattr(self, "_train_state", None)
+        seed = int(self._seeds[1]) + (state["epoch"] if state else 0)
+        mode = self.training
+        if mode in ("software", "ex-situ"):
+            return (EmulatedBackend(self._nominal_pop, seed, self.n_threads),
+                    make_surrogate("nominal", self.mapping_, i50n, sn))
+        if mode == "hardware-aware":
+            return (EmulatedBackend(self.devices_, seed, self.n_threads),
+                    make_surrogate("calibrated", self.mapping_, i50n, sn, self.devices_))
+        backend = self._user_backend or EmulatedBackend(self.devices_, seed, self.n_threads)
+        curves = None
+        if self.surrogate == "calibrated":
+            if self.calibration is None:
+                raise ValueError("surrogate='calibrated' needs calibration= (a DevicePopulation "
+                                 "measured from the devices, e.g. sotcore.calibrate_backend)")
+            curves = self.calibration
+            if len(curves) < backend.n_devices and len(curves) < sum(self._hidden_sizes()):
+                raise ValueError("calibration has fewer devices than the hidden layers")
+        return backend, make_surrogate(self.surrogate, self.mapping_, i50n, sn, curves)
+
+    # -- predict --------------------------------------------------------------------------
+    def _eval_backend(self, evaluation=True):
+        if self.training == "software":
+            pop = self._nominal_pop
+        elif self._user_backend is not None:
+            return self._user_backend
+        else:
+            pop = self.devices_
+        return EmulatedBackend(pop, int(self._seeds[1]) ^ 0x5EED, self.n_threads)
+
+    def _proba(self, network, X, evaluation=True):
+        return network.predict_proba(X, self._eval_backend(evaluation), self.n_samples,
+                                     n_threads=self.n_threads)
+
+    def predict_proba(self, X):
+        """Class probabilities: the softmax averaged over ``n_samples`` stochastic passes."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        proba = self._proba(self._network, X)
+        if len(self.classes_) == 1:
+            return np.ones((X.shape[0], 1))
+        return proba
+
+    def predict(self, X):
+        """Most probable class per row."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = self._user_backend is not None if hasattr(
+            self, "_user_backend") else False
+        return tags
