@@ -1,6 +1,12 @@
 """sotcore: stochastic spin-orbit-torque neurons, from pulse data to trained networks."""
 __version__ = "0.1.0"
 
+from .backends import (BackendError, DeviceBackend, EmulatedBackend, InstrumentBackend,
+                       RecordingBackend, ReplayBackend)
 from .devices import DevicePopulation, switching_probability
+from .estimator import SOTClassifier
+from .network import CurrentMapping
 
-__all__ = ["DevicePopulation", "switching_probability", "__version__"]
+__all__ = ["DevicePopulation", "switching_probability", "SOTClassifier", "CurrentMapping",
+           "DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
+           "ReplayBackend", "BackendError", "__version__"]

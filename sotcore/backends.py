@@ -254,7 +254,8 @@ class RecordingBackend(DeviceBackend):
                 "switched": np.concatenate(sw)}
 
     def replay(self):
-        return ReplayBackend(self.log, self.n_devices)
+        """A backend answering the recorded requests with the recorded bits."""
+        return ReplayBackend(self.log, self.n_devices, curves=self.inner.device_curves())
 
     def save(self, path):
         """Save the log to a ``.npz`` file (no pickle)."""
@@ -272,11 +273,15 @@ class ReplayBackend(DeviceBackend):
     (different currents or devices) or the recording runs out.
     """
 
-    def __init__(self, log, n_devices):
+    def __init__(self, log, n_devices, curves=None):
         self.n_devices = int(n_devices)
         self._log = list(log)
         self._pos = 0
+        self.curves = curves
         super().__init__()
+
+    def device_curves(self):
+        return self.curves
 
     @classmethod
     def load(cls, path):

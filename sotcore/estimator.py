@@ -13,8 +13,7 @@ from ._utils import seed_from_random_state
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
 from .network import CurrentMapping
-from .training import (MODES, SURROGATES, make_surrogate, nominal_curve, nominal_population,
-                       train_network)
+from .training import MODES, SURROGATES, make_surrogate, nominal_curve, train_network
 
 __all__ = ["SOTClassifier"]
 
@@ -77,6 +76,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         As in scikit-learn's MLPClassifier (``max_iter`` counts epochs).
     mapping_unit : float or None
         Amperes per network unit; default the nominal device's sigmoid scale.
+    nominal_device : tuple (i50, scale) in amperes, or None
+        The nominal device the software model, the hidden-bias start and the
+        nominal surrogate use.  Default: derived from the devices (see
+        :func:`sotcore.training.nominal_curve`); required for a backend that
+        does not describe its devices.
     n_threads : int or None
         Threads of the compiled kernels (results do not depend on it).
 
@@ -114,6 +118,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "mapping_unit": [Interval(numbers.Real, 0, None, closed="neither"), None],
+        "nominal_device": ["array-like", None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "n_threads": [Interval(numbers.Integral, None, None, closed="neither"), None],
@@ -124,7 +129,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                  variability=0.10, max_iter=30, batch_size=100, learning_rate_init=3e-3,
                  alpha=1e-4, solver="adam", momentum=0.9, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, mapping_unit=None,
-                 random_state=None, verbose=False, n_threads=None):
+                 nominal_device=None, random_state=None, verbose=False, n_threads=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.devices = devices
         self.training = training
@@ -144,6 +149,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.mapping_unit = mapping_unit
+        self.nominal_device = nominal_device
         self.random_state = random_state
         self.verbose = verbose
         self.n_threads = n_threads
@@ -227,15 +233,22 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             pop, user_backend = self._resolve_devices(n_needed, int(self._seeds[0]))
             self.devices_ = pop
             self._user_backend = user_backend
-            ref = pop if pop is not None else None
-            if ref is None:
-                raise ValueError("the backend must describe its devices (device_curves) so "
-                                 "that a nominal device can be derived; pass a population")
-            i50n, sn = nominal_curve(ref)
+            if self.nominal_device is not None:
+                nd = np.asarray(self.nominal_device, dtype=float)
+                if nd.shape != (2,) or not np.all(np.isfinite(nd)) or not np.all(nd > 0):
+                    raise ValueError("nominal_device must be (i50, scale) in amperes, both > 0; "
+                                     f"got {self.nominal_device!r}")
+                i50n, sn = float(nd[0]), float(nd[1])
+            elif pop is not None:
+                i50n, sn = nominal_curve(pop)
+            else:
+                raise ValueError("this backend does not describe its devices: pass "
+                                 "nominal_device=(i50, scale) in amperes")
             unit = float(self.mapping_unit) if self.mapping_unit is not None else sn
             self.mapping_ = CurrentMapping(unit=unit)
             self._nominal = (i50n, sn)
-            self._nominal_pop = nominal_population(ref)
+            self._nominal_pop = DevicePopulation(np.full(n_needed, i50n), np.full(n_needed, sn),
+                                                 meta={"nominal": True})
         i50n, sn = self._nominal
         train_backend, surrogate = self._training_setup()
         validation, Xt, yt = None, X, y_enc
