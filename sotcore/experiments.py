@@ -1,0 +1,143 @@
+"""One harness for side-by-side runs of the training modes (CLI, studies, sweeps).
+
+Every mode sees the same data, the same device population and the same seeds.
+``software`` and ``ex-situ`` share one training run: ex-situ *is* the software
+run's weights evaluated on the devices (training is identical by construction).
+"""
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .devices import DevicePopulation
+from .estimator import SOTClassifier
+
+__all__ = ["compare_modes", "summarize", "format_table", "RUN_LABELS"]
+
+RUN_LABELS = {"software": "software", "ex-situ": "ex-situ", "hardware-aware": "hardware-aware",
+              ("hil", "nominal"): "hil (nominal)", ("hil", "calibrated"): "hil (calibrated)",
+              ("hil", "straight-through"): "hil (straight-through)"}
+
+
+def _label(mode, surrogate):
+    return RUN_LABELS[(mode, surrogate)] if mode == "hil" else RUN_LABELS[mode]
+
+
+def compare_modes(X_train, y_train, X_test, y_test, *, population=None, width=20.0,
+                  variability=0.10, hidden_layer_sizes=(500,),
+                  modes=("software", "ex-situ", "hardware-aware", "hil"),
+                  surrogates=("nominal",), n_samples=(1, 8, 32), seeds=(0,),
+                  calibration=None, estimator_params=None, progress=True, on_record=None):
+    """Train and score each mode for each seed; return a list of result records.
+
+    Parameters
+    ----------
+    population : DevicePopulation or None
+        The devices (the same for every seed).  None: drawn per seed from the
+        default model at ``width`` (um) with ``variability``.
+    surrogates : sequence of {"nominal", "calibrated", "straight-through"}
+        HIL runs, one per surrogate.  ``calibrated`` needs ``calibration``: a
+        DevicePopulation, or a callable ``f(population, seed) -> population``
+        (e.g. a measured calibration of the devices).
+    n_samples : sequence of int
+        Inference sample counts T at which each trained network is scored.
+    estimator_params : dict
+        Extra SOTClassifier parameters (max_iter, batch_size, mapping_unit, ...).
+    on_record : callable, optional
+        Called with each record as soon as it exists (incremental saving).
+
+    Returns
+    -------
+    list of dict with keys ``run`` (label), ``mode``, ``surrogate``, ``seed``,
+    ``T``, ``accuracy``, ``train_seconds``, ``epochs``, ``seconds_per_epoch``,
+    ``loss_curve``, ``width``, ``variability``.
+    """
+    params = dict(estimator_params or {})
+    hidden = tuple(hidden_layer_sizes)
+    n_dev = sum(hidden)
+    runs = []
+    if "software" in modes or "ex-situ" in modes:
+        runs.append(("software", "nominal"))
+    if "hardware-aware" in modes:
+        runs.append(("hardware-aware", "nominal"))
+    if "hil" in modes:
+        runs.extend(("hil", s) for s in surrogates)
+    unknown = set(modes) - {"software", "ex-situ", "hardware-aware", "hil"}
+    if unknown:
+        raise ValueError(f"unknown mode(s) {sorted(unknown)}")
+    records = []
+    bar = tqdm(total=len(runs) * len(seeds), desc="training runs", disable=not progress,
+               unit="run")
+    for seed in seeds:
+        pop = population if population is not None else DevicePopulation.from_width(
+            width, n_dev, variability=variability, random_state=seed)
+        pop_width = float(np.nanmedian(pop.width)) if np.isfinite(pop.width).any() else None
+        for mode, surrogate in runs:
+            kw = dict(params)
+            if surrogate == "calibrated":
+                if calibration is None:
+                    raise ValueError("the calibrated surrogate needs calibration=")
+                kw["calibration"] = calibration(pop, seed) if callable(calibration) \
+                    else calibration
+            bar.set_postfix_str(f"seed {seed}: {_label(mode, surrogate)}")
+            clf = SOTClassifier(hidden_layer_sizes=hidden, devices=pop, training=mode,
+                                surrogate=surrogate, random_state=seed, **kw)
+            t0 = time.perf_counter()
+            clf.fit(X_train, y_train)
+            seconds = time.perf_counter() - t0
+            evals = [(mode, surrogate)]
+            if mode == "software":
+                evals = [(m, "nominal") for m in ("software", "ex-situ") if m in modes]
+            for emode, esur in evals:
+                clf.set_params(training=emode)  # evaluation devices follow the mode
+                for T in n_samples:
+                    clf.set_params(n_samples=int(T))
+                    rec = {"run": _label(emode, esur), "mode": emode,
+                           "surrogate": esur if emode == "hil" else None, "seed": int(seed),
+                           "T": int(T), "accuracy": float(clf.score(X_test, y_test)),
+                           "train_seconds": seconds, "epochs": int(clf.n_iter_),
+                           "seconds_per_epoch": seconds / max(clf.n_iter_, 1),
+                           "loss_curve": [float(v) for v in clf.loss_curve_],
+                           "width": pop_width, "variability": variability
+                           if population is None else pop.meta.get("model", {}).get(
+                               "variability"),
+                           "n_hidden": list(hidden)}
+                    records.append(rec)
+                    if on_record is not None:
+                        on_record(rec)
+            bar.update(1)
+    bar.close()
+    return records
+
+
+def summarize(records):
+    """Mean, std and count of accuracy per (run, T), in first-seen order."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["run"], r["T"]), []).append(r["accuracy"])
+    return [{"run": run, "T": T, "mean": float(np.mean(a)), "std": float(np.std(a)),
+             "n": len(a)} for (run, T), a in groups.items()]
+
+
+def format_table(records):
+    """A text table: one row per run, one column per T, 'mean ± std' in percent."""
+    summ = summarize(records)
+    Ts = sorted({s["T"] for s in summ})
+    runs = list(dict.fromkeys(s["run"] for s in summ))
+    cell = {(s["run"], s["T"]): s for s in summ}
+    spe = {}
+    for r in records:
+        spe.setdefault(r["run"], []).append(r["seconds_per_epoch"])
+    w = max(len(r) for r in runs) + 2
+    head = "mode".ljust(w) + "".join(f"T={T}".rjust(16) for T in Ts) + "s/epoch".rjust(10)
+    lines = [head, "-" * len(head)]
+    for run in runs:
+        row = run.ljust(w)
+        for T in Ts:
+            s = cell.get((run, T))
+            row += (f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if s else "-").rjust(16)
+        row += f"{np.mean(spe[run]):.2f}".rjust(10)
+        lines.append(row)
+    n = max(s["n"] for s in summ)
+    lines.append(f"test accuracy in %, mean ± std over {n} seed(s)")
+    return "\n".join(lines)
