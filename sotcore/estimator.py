@@ -1,5 +1,10 @@
 """SOTClassifier: a scikit-learn classifier whose hidden neurons are SOT devices."""
+import hashlib
+import io
+import json
 import numbers
+import os
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
@@ -16,6 +21,9 @@ from .network import CurrentMapping
 from .training import MODES, SURROGATES, make_surrogate, nominal_curve, train_network
 
 __all__ = ["SOTClassifier"]
+
+MODEL_FORMAT = "sotcore.model"
+MODEL_VERSION = 1
 
 #: Width (um) of the devices drawn when ``devices=None``: ideal copies of the
 #: default model's nominal device at this width (an ASSUMPTION, see devices.py).
@@ -344,3 +352,120 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         tags.non_deterministic = self._user_backend is not None if hasattr(
             self, "_user_backend") else False
         return tags
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path):
+        """Save a fitted model as ``path`` (JSON) plus ``path`` with suffix ``.npz``.
+
+        The JSON holds the format version, the sotcore version, the
+        parameters, classes, mapping, nominal device, seeds and the device
+        population; the ``.npz`` the weights (its SHA-256 is in the JSON).
+        No pickle: loading never executes code from the files.
+        """
+        from . import __version__
+        check_is_fitted(self)
+        path = Path(path)
+        npz_path = path.with_suffix(".npz")
+        arrays = {f"coef_{i}": c for i, c in enumerate(self.coefs_)}
+        arrays.update({f"intercept_{i}": b for i, b in enumerate(self.intercepts_)})
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        blob = buf.getvalue()
+        params = {k: v for k, v in self.get_params().items()
+                  if k not in ("devices", "calibration", "random_state")}
+        params["hidden_layer_sizes"] = self._hidden_sizes()
+        classes = self.classes_
+        meta = {
+            "format": MODEL_FORMAT, "version": MODEL_VERSION, "sotcore_version": __version__,
+            "params": params,
+            "random_state": self.random_state if isinstance(self.random_state, int) else None,
+            "classes": classes.tolist(), "classes_dtype": classes.dtype.str,
+            "n_features_in": int(self.n_features_in_), "n_iter": int(self.n_iter_),
+            "loss_curve": [float(v) for v in self.loss_curve_],
+            "mapping": {"unit": self.mapping_.unit, "offset": self.mapping_.offset},
+            "nominal": list(self._nominal), "seeds": [int(v) for v in self._seeds],
+            "devices": None if self.devices_ is None else self.devices_.to_dict(),
+            "weights": {"file": npz_path.name, "sha256": hashlib.sha256(blob).hexdigest(),
+                        "n_layers": len(self.coefs_)},
+        }
+        for target, data in ((npz_path, blob), (path, json.dumps(meta, allow_nan=False).encode())):
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return path
+
+    @classmethod
+    def load(cls, path, backend=None):
+        """Load a model written by :meth:`save`.
+
+        ``backend``: the device backend to predict with, for a model trained on
+        a backend (instrument) whose devices the file cannot hold.
+        """
+        from .network import StochasticMLP
+        path = Path(path)
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model file not found: {path}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a sotcore model file (invalid JSON: {exc}); the "
+                             "file may be truncated") from None
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{path}: not a sotcore model file")
+        version = meta.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"{path}: missing or invalid format version {version!r}")
+        if version > MODEL_VERSION:
+            raise ValueError(f"{path}: model format version {version} is newer than this "
+                             f"sotcore reads (<= {MODEL_VERSION}); upgrade sotcore")
+        try:
+            w = meta["weights"]
+            npz_path = path.with_name(Path(w["file"]).name)
+            blob = npz_path.read_bytes()
+            if hashlib.sha256(blob).hexdigest() != w["sha256"]:
+                raise ValueError(f"{npz_path}: weights do not match {path.name} (checksum "
+                                 "differs; edited, truncated or from another model)")
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                coefs = [np.ascontiguousarray(z[f"coef_{i}"], np.float32)
+                         for i in range(w["n_layers"])]
+                inter = [np.ascontiguousarray(z[f"intercept_{i}"], np.float32)
+                         for i in range(w["n_layers"])]
+            params = dict(meta["params"])
+            devices = (None if meta["devices"] is None else
+                       DevicePopulation.from_dict(meta["devices"], source=str(path)))
+            est = cls(**params, random_state=meta.get("random_state"))
+            est.set_params(devices=backend if backend is not None else devices)
+            est.classes_ = np.asarray(meta["classes"], dtype=np.dtype(meta["classes_dtype"]))
+            est.n_features_in_ = int(meta["n_features_in"])
+            est.n_iter_ = int(meta["n_iter"])
+            est.loss_curve_ = list(meta["loss_curve"])
+            est.mapping_ = CurrentMapping(**meta["mapping"])
+            est._nominal = tuple(float(v) for v in meta["nominal"])
+            est._seeds = np.asarray(meta["seeds"], dtype=np.int64)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: its weights file {w.get('file')!r} is missing") \
+                from None
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: model file is missing or has invalid field {exc}") \
+                from None
+        sizes = [est.n_features_in_, *est._hidden_sizes(), max(len(est.classes_), 2)]
+        net = StochasticMLP(sizes, est.mapping_)
+        for k, (c, b) in enumerate(zip(coefs, inter)):
+            if c.shape != tuple(sizes[k:k + 2]) or b.shape != (sizes[k + 1],) \
+                    or not (np.isfinite(c).all() and np.isfinite(b).all()):
+                raise ValueError(f"{path}: layer {k} weights have shape {c.shape} (expected "
+                                 f"{tuple(sizes[k:k + 2])}) or are not finite")
+        net.coefs, net.intercepts = coefs, inter
+        est._network = net
+        est.coefs_, est.intercepts_ = net.coefs, net.intercepts
+        n = sum(est._hidden_sizes())
+        est.devices_ = devices
+        est._user_backend = backend
+        i50n, sn = est._nominal
+        est._nominal_pop = DevicePopulation(np.full(n, i50n), np.full(n, sn),
+                                            meta={"nominal": True})
+        est._label_encoder = LabelEncoder().fit(est.classes_)
+        if backend is None and devices is None:
+            raise ValueError(f"{path}: the model was trained on a device backend; pass "
+                             "backend= to load it")
+        return est

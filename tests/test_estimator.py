@@ -118,3 +118,45 @@ def test_predict_proba_is_a_distribution(digits):
     assert P.shape == (len(Xte), 10)
     np.testing.assert_allclose(P.sum(axis=1), 1)
     assert np.all(clf.predict(Xte) == clf.classes_[P.argmax(axis=1)])
+
+
+def test_save_load_roundtrip(tmp_path, digits):
+    Xtr, Xte, ytr, yte = digits
+    labels = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                       "nine"])
+    clf = SOTClassifier(hidden_layer_sizes=(16,), devices=20.0, max_iter=2, n_samples=4,
+                        random_state=0, **FAST).fit(Xtr, labels[ytr])
+    path = clf.save(tmp_path / "model.json")
+    back = SOTClassifier.load(path)
+    np.testing.assert_array_equal(back.predict_proba(Xte), clf.predict_proba(Xte))
+    assert back.predict(Xte[:3]).dtype == clf.predict(Xte[:3]).dtype
+    for a, b in zip(back.coefs_, clf.coefs_):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(back.devices_.i50, clf.devices_.i50)
+    assert back.get_params()["n_samples"] == 4
+
+
+def test_load_rejects_bad_model_files(tmp_path, digits):
+    import json
+    Xtr, _, ytr, _ = digits
+    clf = SOTClassifier(hidden_layer_sizes=(8,), max_iter=1, random_state=0).fit(Xtr, ytr)
+    path = clf.save(tmp_path / "m.json")
+    meta = json.loads(path.read_text())
+    meta["version"] = 7
+    (tmp_path / "new.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="newer"):
+        SOTClassifier.load(tmp_path / "new.json")
+    (tmp_path / "trunc.json").write_text(path.read_text()[:100])
+    with pytest.raises(ValueError, match="truncated"):
+        SOTClassifier.load(tmp_path / "trunc.json")
+    npz = tmp_path / "m.npz"
+    data = bytearray(npz.read_bytes())
+    data[-10] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        SOTClassifier.load(path)
+    npz.unlink()
+    with pytest.raises(FileNotFoundError, match="weights file"):
+        SOTClassifier.load(path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        SOTClassifier.load(tmp_path / "absent.json")
