@@ -44,6 +44,25 @@ def _device_index(devices, n_devices):
     return idx
 
 
+def check_bits(res, shape, who="backend"):
+    """Return ``res`` as a uint8 0/1 array of ``shape`` or raise BackendError."""
+    if isinstance(res, np.ndarray) and res.dtype == np.uint8 and res.shape == shape:
+        if res.size == 0 or res.max() <= 1:
+            return res
+    try:
+        arr = np.asarray(res)
+    except Exception:
+        raise BackendError(f"{who} returned something that is not an array") from None
+    if arr.shape != shape:
+        raise BackendError(f"{who} returned shape {arr.shape}, expected {shape}")
+    if arr.dtype.kind not in "biuf":
+        raise BackendError(f"{who} returned dtype {arr.dtype}, expected 0/1 values")
+    ok = (arr == 0) | (arr == 1)
+    if arr.size and not ok.all():
+        raise BackendError(f"{who} returned non-binary value {arr[~ok].flat[0]!r}")
+    return arr.astype(np.uint8)
+
+
 def _count(devices):
     if isinstance(devices, slice):
         return devices.stop - devices.start
@@ -66,7 +85,7 @@ class DeviceBackend:
         if arr.shape[1] != k:
             raise ValueError(f"currents must have {k} columns (one per requested device), "
                              f"got shape {arr.shape}")
-        bits = self._pulse(arr, devices)
+        bits = check_bits(self._pulse(arr, devices), arr.shape, type(self).__name__)
         self.pulse_counts[devices] += arr.shape[0]
         return bits
 
@@ -76,6 +95,17 @@ class DeviceBackend:
     def device_curves(self):
         """A DevicePopulation describing the devices if this backend knows one, else None."""
         return None
+
+    def get_state(self):
+        """JSON-serialisable state needed to continue exactly (checkpoints)."""
+        return {"pulse_counts": self.pulse_counts.tolist()}
+
+    def set_state(self, state):
+        counts = np.asarray(state["pulse_counts"], dtype=np.int64)
+        if counts.shape != (self.n_devices,):
+            raise ValueError(f"backend state is for {counts.shape[0]} devices, this backend "
+                             f"has {self.n_devices}")
+        self.pulse_counts = counts
 
 
 class EmulatedBackend(DeviceBackend):
@@ -115,6 +145,15 @@ class EmulatedBackend(DeviceBackend):
 
     def device_curves(self):
         return self.population
+
+    def get_state(self):
+        return {**super().get_state(), "calls": self.calls, "seed": str(self.seed)}
+
+    def set_state(self, state):
+        if str(state.get("seed")) != str(self.seed):
+            raise ValueError("backend state comes from an emulator with another seed")
+        super().set_state(state)
+        self.calls = int(state["calls"])
 
 
 class InstrumentBackend(DeviceBackend):
@@ -180,24 +219,16 @@ class InstrumentBackend(DeviceBackend):
                 raise BackendError(f"instrument call failed on rows {s}..{s + len(chunk) - 1}: "
                                    f"{type(exc).__name__}: {exc}") from exc
             self.wall_time += time.perf_counter() - t0
-            out[s:s + len(chunk)] = self._check_bits(res, chunk.shape)
+            out[s:s + len(chunk)] = check_bits(res, chunk.shape, "instrument")
         self.rows += n
         return out
 
-    @staticmethod
-    def _check_bits(res, shape):
-        try:
-            arr = np.asarray(res)
-        except Exception:
-            raise BackendError("instrument returned something that is not an array") from None
-        if arr.shape != shape:
-            raise BackendError(f"instrument returned shape {arr.shape}, expected {shape}")
-        if arr.dtype.kind not in "biuf":
-            raise BackendError(f"instrument returned dtype {arr.dtype}, expected 0/1 values")
-        if arr.size and not np.isin(arr, (0, 1)).all():
-            bad = arr[~np.isin(arr, (0, 1))].flat[0]
-            raise BackendError(f"instrument returned non-binary value {bad!r}")
-        return arr.astype(np.uint8)
+    def get_state(self):
+        return {**super().get_state(), "rows": self.rows, "wall_time": self.wall_time}
+
+    def set_state(self, state):
+        super().set_state(state)
+        self.rows, self.wall_time = int(state["rows"]), float(state["wall_time"])
 
     @property
     def hardware_time(self):
@@ -234,6 +265,16 @@ class RecordingBackend(DeviceBackend):
 
     def device_curves(self):
         return self.inner.device_curves()
+
+    def get_state(self):
+        inner = self.inner.get_state() if hasattr(self.inner, "get_state") else None
+        return {**super().get_state(), "log_length": len(self.log), "inner": inner}
+
+    def set_state(self, state):
+        super().set_state(state)
+        del self.log[int(state["log_length"]):]
+        if state.get("inner") is not None and hasattr(self.inner, "set_state"):
+            self.inner.set_state(state["inner"])
 
     def records(self, last=None):
         """Per-pulse records of the last ``last`` requests (all by default).

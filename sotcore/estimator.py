@@ -91,6 +91,13 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         does not describe its devices.
     n_threads : int or None
         Threads of the compiled kernels (results do not depend on it).
+    checkpoint : path or None
+        Write training checkpoints here (atomically, every epoch, every
+        ``checkpoint_every`` batches, and before raising
+        :class:`~sotcore.training.TrainingInterrupted` when a step fails).
+        ``fit(X, y, resume_from=checkpoint)`` continues such a run exactly.
+    checkpoint_every : int or None
+        Also checkpoint every this many batches.
 
     Attributes
     ----------
@@ -130,6 +137,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "n_threads": [Interval(numbers.Integral, None, None, closed="neither"), None],
+        "checkpoint": [str, os.PathLike, None],
+        "checkpoint_every": [Interval(numbers.Integral, 1, None, closed="left"), None],
     }
 
     def __init__(self, hidden_layer_sizes=(500,), devices=None, training="hil",
@@ -137,7 +146,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                  variability=0.10, max_iter=30, batch_size=100, learning_rate_init=3e-3,
                  alpha=1e-4, solver="adam", momentum=0.9, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, mapping_unit=None,
-                 nominal_device=None, random_state=None, verbose=False, n_threads=None):
+                 nominal_device=None, random_state=None, verbose=False, n_threads=None,
+                 checkpoint=None, checkpoint_every=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.devices = devices
         self.training = training
@@ -161,6 +171,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.n_threads = n_threads
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
 
     # -- set-up -------------------------------------------------------------------------
     def _hidden_sizes(self):
@@ -199,9 +211,30 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
 
     # -- fit ------------------------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
-        """Train on (X, y) from scratch; returns self."""
-        return self._fit(X, y, incremental=False)
+    def fit(self, X, y, resume_from=None):
+        """Train on (X, y) from scratch, or continue the run in checkpoint ``resume_from``.
+
+        Resuming needs the same data and parameters as the interrupted run; the
+        final weights are then identical to a run that was never interrupted.
+        """
+        resume = None
+        if resume_from is not None:
+            from .training import load_checkpoint
+            resume = load_checkpoint(resume_from)
+            extra = resume["meta"].get("extra") or {}
+            if extra.get("params") != self._checkpoint_params():
+                raise ValueError(f"{resume_from}: checkpoint was written with other estimator "
+                                 "parameters; resume with the same parameters")
+        return self._fit(X, y, incremental=False, resume=resume)
+
+    def _checkpoint_params(self):
+        keep = ("hidden_layer_sizes", "training", "surrogate", "n_samples", "train_samples",
+                "variability", "max_iter", "batch_size", "learning_rate_init", "alpha", "solver",
+                "momentum", "early_stopping", "validation_fraction", "n_iter_no_change", "tol",
+                "mapping_unit")
+        p = self.get_params()
+        return json.loads(json.dumps({k: (list(p[k]) if isinstance(p[k], tuple) else p[k])
+                                      for k in keep}))
 
     def partial_fit(self, X, y, classes=None):
         """One more epoch on (X, y) (``classes`` required on the first call)."""
@@ -212,7 +245,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             self._partial_classes = np.asarray(classes)
         return self._fit(X, y, incremental=True)
 
-    def _fit(self, X, y, incremental):
+    def _fit(self, X, y, incremental, resume=None):
         first = not (incremental and hasattr(self, "coefs_"))
         X, y = validate_data(self, X, y, reset=first, dtype=np.float32)
         check_classification_targets(y)
@@ -236,8 +269,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                              "backend does not describe its devices")
         if first:
             self.__dict__.pop("_train_state", None)
-            seed = seed_from_random_state(self.random_state)
-            self._seeds = np.random.default_rng(seed).integers(0, 2**63, size=4)
+            if resume is not None:
+                self._seeds = np.asarray(resume["meta"]["extra"]["seeds"], dtype=np.int64)
+            else:
+                seed = seed_from_random_state(self.random_state)
+                self._seeds = np.random.default_rng(seed).integers(0, 2**63, size=4)
             pop, user_backend = self._resolve_devices(n_needed, int(self._seeds[0]))
             self.devices_ = pop
             self._user_backend = user_backend
@@ -281,7 +317,10 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             network=None if state is None else state["network"],
             optimizer=None if state is None else state["optimizer"],
             start_epoch=0 if state is None else state["epoch"],
-            history=None if state is None else state["history"])
+            history=None if state is None else state["history"],
+            checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every, resume=resume,
+            extra_meta={"seeds": [int(v) for v in self._seeds],
+                        "params": self._checkpoint_params()})
         self._network = result.network
         self._train_state = {"network": result.network, "optimizer": optimizer,
                              "epoch": result.n_iter, "history": result.history}

@@ -26,8 +26,9 @@ from .backends import EmulatedBackend
 from .devices import DevicePopulation
 from .network import CurrentMapping, StochasticMLP, nominal_derivative
 
-__all__ = ["MODES", "SURROGATES", "Adam", "SGD", "TrainResult", "train_network",
-           "nominal_curve", "nominal_population", "make_surrogate"]
+__all__ = ["MODES", "SURROGATES", "Adam", "SGD", "TrainResult", "TrainingInterrupted",
+           "train_network", "save_checkpoint", "load_checkpoint", "nominal_curve",
+           "nominal_population", "make_surrogate"]
 
 MODES = ("software", "ex-situ", "hardware-aware", "hil")
 SURROGATES = ("nominal", "calibrated", "straight-through")
@@ -159,12 +160,112 @@ def _mixture_grad(probs, y):
     return float(loss), (g / n).reshape(n * T, C).astype(np.float32)
 
 
+class TrainingInterrupted(RuntimeError):
+    """Training stopped because the backend (or anything in a step) failed.
+
+    ``checkpoint`` is the path of the checkpoint written just before the
+    failed step (None if no checkpoint path was configured); resuming from it
+    continues exactly as if the failure had not happened.
+    """
+
+    def __init__(self, message, checkpoint=None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+CHECKPOINT_FORMAT = "sotcore.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _optimizer_arrays(optimizer):
+    if isinstance(optimizer, Adam):
+        return {"m": optimizer.m, "v": optimizer.v}
+    return {"vel": optimizer.vel}
+
+
+def save_checkpoint(path, state):
+    """Write a training checkpoint atomically (write, fsync, rename; no pickle).
+
+    ``state``: dict with ``network``, ``optimizer``, ``meta`` (JSON-able) and
+    ``order`` (the epoch's sample order).  A kill at any moment leaves either
+    the previous checkpoint or the new one, never a partial file.
+    """
+    import json
+    import os
+    from pathlib import Path
+    path = Path(path)
+    net, opt = state["network"], state["optimizer"]
+    arrays = {f"coef_{i}": c for i, c in enumerate(net.coefs)}
+    arrays.update({f"intercept_{i}": b for i, b in enumerate(net.intercepts)})
+    for name, lst in _optimizer_arrays(opt).items():
+        arrays.update({f"opt_{name}_{i}": a for i, a in enumerate(lst)})
+    if state.get("best") is not None:
+        arrays.update({f"best_{i}": a for i, a in enumerate(state["best"])})
+    arrays["order"] = state["order"]
+    meta = dict(state["meta"], format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                layer_sizes=net.layer_sizes, optimizer=type(opt).__name__, opt_t=opt.t,
+                n_best=0 if state.get("best") is None else len(state["best"]))
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by :func:`save_checkpoint` (never unpickles)."""
+    import json
+    from pathlib import Path
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    if magic != b"PK\x03\x04":
+        raise ValueError(f"{path}: unreadable checkpoint (not an .npz archive); truncated or "
+                         "not a checkpoint")
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{path}: not a sotcore checkpoint")
+            if meta.get("version", 0) > CHECKPOINT_VERSION:
+                raise ValueError(f"{path}: checkpoint format version {meta['version']} is newer "
+                                 f"than this sotcore reads (<= {CHECKPOINT_VERSION})")
+            L = len(meta["layer_sizes"]) - 1
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except (OSError, KeyError, json.JSONDecodeError, EOFError) as exc:
+        raise ValueError(f"{path}: unreadable checkpoint ({exc}); truncated or not a "
+                         "checkpoint") from None
+    net = StochasticMLP(meta["layer_sizes"], CurrentMapping(**meta["mapping"]))
+    net.coefs = [arrays[f"coef_{i}"] for i in range(L)]
+    net.intercepts = [arrays[f"intercept_{i}"] for i in range(L)]
+    params = net.coefs + net.intercepts
+    if meta["optimizer"] == "Adam":
+        opt = Adam(params, **meta["opt_hyper"])
+        opt.m = [arrays[f"opt_m_{i}"] for i in range(2 * L)]
+        opt.v = [arrays[f"opt_v_{i}"] for i in range(2 * L)]
+    else:
+        opt = SGD(params, **meta["opt_hyper"])
+        opt.vel = [arrays[f"opt_vel_{i}"] for i in range(2 * L)]
+    opt.t = meta["opt_t"]
+    best = [arrays[f"best_{i}"] for i in range(meta["n_best"])] or None
+    return {"network": net, "optimizer": opt, "meta": meta, "order": arrays["order"],
+            "best": best}
+
+
 def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, mapping,
                   hidden_bias, train_samples=1, max_iter=30, batch_size=100,
                   learning_rate=3e-3, alpha=1e-4, solver="adam", momentum=0.9,
                   validation=None, early_stopping=False, n_iter_no_change=10, tol=1e-4,
                   eval_fn=None, random_state=None, verbose=False, callbacks=(),
-                  network=None, optimizer=None, start_epoch=0, history=None):
+                  network=None, optimizer=None, start_epoch=0, history=None,
+                  checkpoint=None, checkpoint_every=None, resume=None, extra_meta=None):
     """Minibatch training of a :class:`StochasticMLP` through a device backend.
 
     Parameters
@@ -186,14 +287,49 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
     callbacks : sequence of callables ``cb(epoch, info, network) -> bool``
         Called after every epoch; returning True stops training.
     network, optimizer, start_epoch, history
-        Resume a run (``partial_fit`` and checkpoints).
+        Continue a run (``partial_fit``).
+    checkpoint : path or None
+        Where to write checkpoints: at the end of every epoch, every
+        ``checkpoint_every`` batches if set, and -- before raising
+        :class:`TrainingInterrupted` -- whenever a step fails (e.g. the
+        instrument raised or returned garbage).
+    resume : dict or None
+        A checkpoint from :func:`load_checkpoint`; training continues from
+        the step it was written before, bit-exactly.
+    extra_meta : dict or None
+        JSON-serialisable data stored in every checkpoint (``meta["extra"]``).
     """
-    rng = np.random.default_rng(random_state)
     n, d = X.shape
     sizes = [d, *hidden_layer_sizes, n_classes]
-    if network is None:
-        network = StochasticMLP(sizes, mapping)
-        network.initialize(rng, hidden_bias)
+    T = int(train_samples)
+    if resume is not None:
+        meta = resume["meta"]
+        if meta["layer_sizes"] != sizes:
+            raise ValueError(f"checkpoint is for layer sizes {meta['layer_sizes']}, this run "
+                             f"has {sizes}")
+        if meta["n_samples"] != n:
+            raise ValueError(f"checkpoint was taken on {meta['n_samples']} training samples, "
+                             f"this run has {n}")
+        network, optimizer = resume["network"], resume["optimizer"]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = meta["rng_state"]
+        history = meta["history"]
+        start_epoch, start_batch = meta["epoch"], meta["batch_start"]
+        order = resume["order"]
+        acc0 = (meta["tot_loss"], meta["correct"])
+        best = (meta["best_score"], None if resume["best"] is None else
+                (resume["best"][:len(sizes) - 1], resume["best"][len(sizes) - 1:]))
+        no_improve = meta["no_improve"]
+        if meta.get("backend_state") is not None and hasattr(backend, "set_state"):
+            backend.set_state(meta["backend_state"])
+        max_iter = meta["end_epoch"] - start_epoch
+    else:
+        rng = np.random.default_rng(random_state)
+        start_batch, order, acc0 = 0, None, (0.0, 0)
+        best, no_improve = (-np.inf, None), 0
+        if network is None:
+            network = StochasticMLP(sizes, mapping)
+            network.initialize(rng, hidden_bias)
     params = network.coefs + network.intercepts
     if optimizer is None:
         if solver == "adam":
@@ -202,25 +338,62 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
             optimizer = SGD(params, lr=learning_rate, momentum=momentum)
         else:
             raise ValueError(f"solver must be 'adam' or 'sgd', got {solver!r}")
+    opt_hyper = ({"lr": optimizer.lr, "beta1": optimizer.beta1, "beta2": optimizer.beta2,
+                  "eps": optimizer.eps} if isinstance(optimizer, Adam) else
+                 {"lr": optimizer.lr, "momentum": optimizer.momentum,
+                  "nesterov": optimizer.nesterov})
     history = history if history is not None else {"loss": [], "train_accuracy": [],
                                                      "val_accuracy": [], "seconds": []}
-    T = int(train_samples)
     slices = network.device_slices()
     L = len(network.coefs)
-    best = (-np.inf, None)
-    no_improve = 0
+    end_epoch = start_epoch + max_iter
     stopped = False
     epoch = start_epoch
-    for epoch in range(start_epoch, start_epoch + max_iter):
+
+    def snapshot(epoch, batch_start, order, tot_loss, correct, rng_state, backend_state):
+        return {"network": network, "optimizer": optimizer, "order": order,
+                "best": None if best[1] is None else best[1][0] + best[1][1],
+                "meta": {"epoch": epoch, "batch_start": batch_start, "end_epoch": end_epoch,
+                         "n_samples": n, "rng_state": rng_state, "history": history,
+                         "tot_loss": tot_loss, "correct": correct, "best_score": best[0],
+                         "no_improve": no_improve, "backend_state": backend_state,
+                         "opt_hyper": opt_hyper, "extra": extra_meta,
+                         "mapping": {"unit": network.mapping.unit,
+                                     "offset": network.mapping.offset}}}
+
+    get_bstate = getattr(backend, "get_state", lambda: None)
+    for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
-        order = rng.permutation(n)
-        tot_loss, correct = 0.0, 0
-        bar = tqdm(range(0, n, batch_size), desc=f"epoch {epoch + 1}", leave=False,
+        # A mid-epoch checkpoint carries the epoch's order; an epoch-end one does not.
+        if resume is None or epoch != start_epoch or len(order) == 0:
+            order = rng.permutation(n)
+            tot_loss, correct = 0.0, 0
+            first_batch = 0
+        else:
+            (tot_loss, correct), first_batch = acc0, start_batch
+        rng_state = rng.bit_generator.state
+        bar = tqdm(range(first_batch, n, batch_size), desc=f"epoch {epoch + 1}", leave=False,
                    disable=not verbose, unit="batch")
-        for s in bar:
+        for bi, s in enumerate(bar):
+            bstate = get_bstate()
+            if checkpoint is not None and checkpoint_every and bi and bi % checkpoint_every == 0:
+                save_checkpoint(checkpoint, snapshot(epoch, s, order, tot_loss, correct,
+                                                     rng_state, bstate))
             idx = order[s:s + batch_size]
             Xb, yb = X[idx], y[idx]
-            probs, cache = network.forward(Xb, backend, T)
+            try:
+                probs, cache = network.forward(Xb, backend, T)
+            except Exception as exc:
+                where = None
+                if checkpoint is not None:
+                    where = save_checkpoint(checkpoint, snapshot(epoch, s, order, tot_loss,
+                                                                 correct, rng_state, bstate))
+                bar.close()
+                raise TrainingInterrupted(
+                    f"training stopped in epoch {epoch + 1} at sample {s}: "
+                    f"{type(exc).__name__}: {exc}" +
+                    (f"; checkpoint written to {where}" if where else
+                     "; no checkpoint path was set"), where) from exc
             loss, g = _mixture_grad(probs, yb)
             tot_loss += loss * len(idx)
             correct += int((probs.mean(axis=1).argmax(axis=1) == yb).sum())
@@ -266,6 +439,10 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                     stopped = True
         if any(cb(epoch + 1, info, network) for cb in callbacks):
             stopped = True
+        if checkpoint is not None:
+            # End of epoch: the next epoch starts from a fresh permutation.
+            save_checkpoint(checkpoint, snapshot(epoch + 1, 0, np.zeros(0, np.int64), 0.0, 0,
+                                                 rng.bit_generator.state, get_bstate()))
         if stopped:
             break
     if early_stopping and best[1] is not None:
