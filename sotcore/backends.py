@@ -113,9 +113,15 @@ class EmulatedBackend(DeviceBackend):
 
     Each call draws from a fresh counter-based stream (seed, call number), so a
     run is reproducible from ``random_state`` alone and independent of threads.
+
+    ``aging`` (a :class:`~sotcore.devices.DeviceAging`) makes the devices drift,
+    stick and misread as they receive pulses; the emulated population is
+    refreshed whenever some device has had ``update_pulses`` more pulses.
+    ``population`` then always describes the devices *now*.
     """
 
-    def __init__(self, population, random_state=None, n_threads=None):
+    def __init__(self, population, random_state=None, n_threads=None, aging=None,
+                 update_pulses=1000):
         if not isinstance(population, DevicePopulation):
             raise TypeError(f"population must be a DevicePopulation, got "
                             f"{type(population).__name__}")
@@ -125,7 +131,24 @@ class EmulatedBackend(DeviceBackend):
         self.seed = seed_from_random_state(random_state)
         self.calls = 0
         self._subpops = {}
+        self.aging = aging
+        self.update_pulses = int(update_pulses)
         super().__init__()
+        if aging is not None:
+            self.initial_population = population
+            self._aging_draws = aging.draw(self.n_devices, np.random.default_rng(
+                [self.seed & 0xFFFFFFFF, self.seed >> 32, 0xA9E]))
+            self._aged_at = None
+            self._refresh()
+
+    def _refresh(self):
+        counts = self.pulse_counts
+        if self._aged_at is not None and (counts - self._aged_at).max() < self.update_pulses:
+            return
+        self.population = self.aging.population_at(self.initial_population, counts,
+                                                    self._aging_draws)
+        self._aged_at = counts.copy()
+        self._subpops = {}
 
     def _subpop(self, devices):
         if isinstance(devices, slice) and devices == slice(0, self.n_devices):
@@ -138,6 +161,8 @@ class EmulatedBackend(DeviceBackend):
         return sub
 
     def _pulse(self, currents, devices):
+        if self.aging is not None:
+            self._refresh()
         bits = self._subpop(devices)._sample_seeded(currents, self.seed, self.n_threads,
                                                     stream=self.calls)
         self.calls += 1
@@ -147,13 +172,23 @@ class EmulatedBackend(DeviceBackend):
         return self.population
 
     def get_state(self):
-        return {**super().get_state(), "calls": self.calls, "seed": str(self.seed)}
+        state = {**super().get_state(), "calls": self.calls, "seed": str(self.seed)}
+        if self.aging is not None:
+            state["aged_at"] = self._aged_at.tolist()
+        return state
 
     def set_state(self, state):
         if str(state.get("seed")) != str(self.seed):
             raise ValueError("backend state comes from an emulator with another seed")
         super().set_state(state)
         self.calls = int(state["calls"])
+        if self.aging is not None:
+            # Rebuild the population exactly as it was at the last refresh.
+            aged_at = np.asarray(state["aged_at"], dtype=np.int64)
+            self.population = self.aging.population_at(self.initial_population, aged_at,
+                                                        self._aging_draws)
+            self._aged_at = aged_at
+            self._subpops = {}
 
 
 class InstrumentBackend(DeviceBackend):

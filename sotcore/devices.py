@@ -514,3 +514,61 @@ def _interp_slope_rows(cur, lo, hi, probs):
     flat = probs.ravel()
     base = g + (np.arange(probs.shape[0]) * G)[None, :]
     return np.where(inside, (flat[base + 1] - flat[base]) / step, 0.0)
+
+
+class DeviceAging:
+    """Non-idealities that change devices while they are used (for the emulator).
+
+    Every rate is per million pulses on the device, and every default is an
+    ASSUMPTION for stress tests, not a measured figure.
+
+    Parameters
+    ----------
+    i50_drift : float, default 0
+        Mean relative drift of I50 per 1e6 pulses (0.05: +5 % per million).
+    window_drift : float, default 0
+        Mean relative drift of the programming window per 1e6 pulses.
+    drift_spread : float, default 0.5
+        Device-to-device spread of the drift rates (relative standard deviation).
+    stuck_rate : float, default 0
+        Probability per 1e6 pulses that a device becomes stuck (at 0 or 1,
+        equally likely), drawn as an exponential time to failure per device.
+    read_error : float, default 0
+        Probability that a read returns the wrong bit (folded into p_lo/p_hi).
+    """
+
+    def __init__(self, i50_drift=0.0, window_drift=0.0, drift_spread=0.5, stuck_rate=0.0,
+                 read_error=0.0):
+        self.i50_drift = _check_scalar(i50_drift, "i50_drift", low=-0.99)
+        self.window_drift = _check_scalar(window_drift, "window_drift", low=-0.99)
+        self.drift_spread = _check_scalar(drift_spread, "drift_spread", low=0.0)
+        self.stuck_rate = _check_scalar(stuck_rate, "stuck_rate", low=0.0)
+        self.read_error = _check_scalar(read_error, "read_error", low=0.0, high=0.5)
+
+    def __repr__(self):
+        return (f"DeviceAging(i50_drift={self.i50_drift}, window_drift={self.window_drift}, "
+                f"drift_spread={self.drift_spread}, stuck_rate={self.stuck_rate}, "
+                f"read_error={self.read_error})")
+
+    def draw(self, n_devices, rng):
+        """Per-device fixed randomness: drift rates, failure times, stuck levels."""
+        spread = lambda: 1.0 + self.drift_spread * rng.standard_normal(n_devices)  # noqa: E731
+        fail = (rng.exponential(1e6 / self.stuck_rate, n_devices) if self.stuck_rate > 0
+                else np.full(n_devices, np.inf))
+        return {"i50_rate": self.i50_drift * spread(), "window_rate": self.window_drift * spread(),
+                "fail_at": fail, "level": (rng.random(n_devices) < 0.5).astype(np.float64)}
+
+    def population_at(self, base, pulses, draws):
+        """The population ``base`` after each device received ``pulses[j]`` pulses."""
+        mp = np.asarray(pulses, dtype=np.float64) / 1e6
+        i50 = base.i50 * np.maximum(1.0 + draws["i50_rate"] * mp, 0.01)
+        scale = base.scale * np.maximum(1.0 + draws["window_rate"] * mp, 0.01)
+        r = self.read_error
+        p_lo = r + (1 - 2 * r) * base.p_lo
+        p_hi = r + (1 - 2 * r) * base.p_hi
+        dead = np.asarray(pulses) >= draws["fail_at"]
+        p_lo = np.where(dead, draws["level"], p_lo)
+        p_hi = np.where(dead, draws["level"], p_hi)
+        w = base.width if np.isfinite(base.width).all() else np.nan
+        return DevicePopulation(i50, scale, p_lo, p_hi, w, table_points=base.table_points,
+                                table_span=base.table_span, meta=base.meta)
