@@ -3,10 +3,12 @@ __version__ = "0.1.0"
 
 from .backends import (BackendError, DeviceBackend, EmulatedBackend, InstrumentBackend,
                        RecordingBackend, ReplayBackend)
+from .calibration import CalibrationResult, calibrate, simulate_measurements
 from .devices import DevicePopulation, switching_probability
 from .estimator import SOTClassifier
 from .network import CurrentMapping
 
 __all__ = ["DevicePopulation", "switching_probability", "SOTClassifier", "CurrentMapping",
            "DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
-           "ReplayBackend", "BackendError", "__version__"]
+           "ReplayBackend", "BackendError", "calibrate", "CalibrationResult",
+           "simulate_measurements", "__version__"]

@@ -1,0 +1,326 @@
+"""Figures of device calibrations (needs the optional matplotlib extra).
+
+Every function draws on a :class:`matplotlib.figure.Figure` created without
+pyplot (no global state, no GUI backend), so it works in scripts, servers
+and notebooks alike; files are written with the Agg backend.  Currents are
+shown in milliamperes, widths in micrometres.
+
+    from sotcore.plotting import plot_calibration, save_calibration_figures
+    fig = plot_calibration(result)                     # overview figure
+    save_calibration_figures(result, "figures/")       # PNG files
+"""
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["plot_device_curves", "plot_parameter_histograms", "plot_width_scaling",
+           "plot_calibration", "save_calibration_figures"]
+
+_MA = 1e3  # amperes -> milliamperes for display
+
+
+def _matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("sotcore's figures need matplotlib: pip install sotcore[plot]") \
+            from None
+    return Figure, FigureCanvasAgg
+
+
+def _new_figure(figsize):
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _check_result(result):
+    from .calibration import CalibrationResult
+    if not isinstance(result, CalibrationResult):
+        raise TypeError(f"result must be a CalibrationResult (from sotcore.calibrate), got "
+                        f"{type(result).__name__}")
+
+
+def _device_positions(result, devices, max_devices):
+    """Positions of the devices to draw: given labels/positions, or a spread by I50."""
+    labels = list(result.devices)
+    if devices is None:
+        f = result.per_device
+        ok = np.flatnonzero(~f["stuck"] & np.isfinite(f["i50"]))
+        if ok.size == 0:
+            ok = np.arange(len(labels))
+        ok = ok[np.argsort(f["i50"][ok], kind="stable")]
+        take = np.unique(np.linspace(0, ok.size - 1, min(max_devices, ok.size)).round()
+                         .astype(int))
+        return ok[take]
+    out = []
+    index = {lab: i for i, lab in enumerate(labels)}
+    for d in devices:
+        if d in index:
+            out.append(index[d])
+        elif isinstance(d, (int, np.integer)) and not isinstance(d, bool) and \
+                0 <= d < len(labels):
+            out.append(int(d))
+        else:
+            raise ValueError(f"devices: {d!r} is neither a device label nor a position in "
+                             f"[0, {len(labels)})")
+    if not out:
+        raise ValueError("devices must name at least one device")
+    return np.asarray(out)
+
+
+def _wilson(k, n, z=1.96):
+    """Wilson score interval of a binomial proportion (stays inside [0, 1])."""
+    p = k / n
+    den = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return centre - half, centre + half
+
+
+def _width_groups(result):
+    w = result.per_device["width"]
+    if np.isfinite(w).all():
+        return [(f"w = {v:g} \u00b5m", w == v) for v in np.unique(w)]
+    return [("all devices", np.ones(w.shape, dtype=bool))]
+
+
+def plot_device_curves(result, devices=None, *, ax=None, max_devices=6):
+    """Measured switching probabilities with 95 % binomial error bars and fitted curves.
+
+    Parameters
+    ----------
+    result : CalibrationResult
+    devices : sequence, optional
+        Device labels (or integer positions in ``result.devices``); default
+        ``max_devices`` devices spread over the range of fitted I50.
+    ax : matplotlib Axes, optional
+        Draw here; default a new figure.
+    max_devices : int, default 6
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    _check_result(result)
+    if ax is None:
+        ax = _new_figure((6.0, 4.2)).add_subplot()
+    pos = _device_positions(result, devices, max_devices)
+    m = result.measurements
+    sub = result.population[pos]
+    f = result.per_device
+    for j, d in enumerate(pos):
+        rows = m["device"] == d
+        I, n, k = m["current"][rows], m["pulses"][rows], m["switched"][rows]
+        lo, hi = _wilson(k, n)
+        p = k / n
+        color = f"C{j % 10}"
+        flags = [name for name in ("stuck", "nonmonotone", "poor_fit") if f[name][d]]
+        wd = f["width"][d]
+        label = (f"{result.devices[d]}" + (f", {wd:g} \u00b5m" if np.isfinite(wd) else "")
+                 + (f" ({', '.join(flags)})" if flags else ""))
+        ax.errorbar(I * _MA, p, yerr=[p - lo, hi - p], fmt="o", ms=3, lw=0.8, capsize=1.5,
+                    color=color, label=label)
+        grid = np.linspace(I.min(), I.max(), 400)
+        cur = np.zeros((grid.size, len(sub)))
+        cur[:, j] = grid
+        ax.plot(grid * _MA, sub.probability(cur)[:, j], color=color, lw=1.4)
+    ax.set_xlabel("pulse current (mA)")
+    ax.set_ylabel("switching probability")
+    ax.set_ylim(-0.03, 1.03)
+    fit = "sigmoid ML fit" if result.method == "sigmoid" else "isotonic fit"
+    ax.set_title(f"measured (95% Wilson bars) and {fit}", fontsize=10)
+    ax.legend(fontsize=7, title="device", title_fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return ax.figure
+
+
+def plot_parameter_histograms(result, *, axes=None, bins=30):
+    """Histograms of fitted I50 and programming window, one colour per width.
+
+    Parameters
+    ----------
+    result : CalibrationResult
+    axes : pair of matplotlib Axes, optional
+    bins : int, default 30
+        Bins per histogram (over the common range of all widths).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    _check_result(result)
+    if axes is None:
+        fig = _new_figure((9.0, 3.6))
+        axes = fig.subplots(1, 2)
+    f = result.per_device
+    used = ~f["stuck"] & np.isfinite(f["i50"])
+    groups = _width_groups(result)
+    for ax, name, label in ((axes[0], "i50", "I50 (mA)"),
+                            (axes[1], "window", "programming window W (mA)")):
+        v = f[name][used] * _MA
+        if v.size == 0:
+            ax.text(0.5, 0.5, "no fitted devices", ha="center", transform=ax.transAxes)
+            continue
+        # Widths spanning a wide range: log-spaced bins on a log axis, where
+        # equal relative spread looks equally wide at every width.
+        logx = v.min() > 0 and v.max() / v.min() > 4
+        nb = bins * max(1, len(groups) // 2)
+        edges = (np.geomspace(v.min(), v.max(), nb + 1) if logx
+                 else np.histogram_bin_edges(v, bins=nb))
+        if logx:
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        for glabel, g in groups:
+            vals = f[name][g & used] * _MA
+            if vals.size:
+                ax.hist(vals, bins=edges, alpha=0.6, label=f"{glabel} (n={vals.size})")
+        ax.set_xlabel(label + (" (log scale)" if logx else ""))
+        ax.set_ylabel("devices")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("device-to-device variability of I50", fontsize=10)
+    axes[1].set_title("... and of the programming window", fontsize=10)
+    return axes[0].figure
+
+
+def plot_width_scaling(result, *, axes=None):
+    """I50 and window against device width: devices, mean +- sd per width, fitted lines.
+
+    The shaded band is the confidence band of the fitted line (level
+    ``result.confidence``).  Needs at least two distinct widths.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    _check_result(result)
+    if result.width_fits is None:
+        raise ValueError("plot_width_scaling needs devices of at least 2 distinct widths "
+                         "(result.width_fits is None)")
+    from scipy import stats
+    if axes is None:
+        fig = _new_figure((9.0, 3.6))
+        axes = fig.subplots(1, 2)
+    f = result.per_device
+    used = ~f["stuck"] & np.isfinite(f["i50"])
+    w = f["width"]
+    rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
+    wmax = float(w[used].max())
+    xs = np.linspace(0.0, wmax * 1.05, 200)
+    for ax, name, label in ((axes[0], "i50", "I50 (mA)"), (axes[1], "window", "window W (mA)")):
+        fit = result.width_fits[name]
+        jitter = 1 + 0.015 * rng.standard_normal(used.sum())
+        ax.plot(w[used] * jitter, f[name][used] * _MA, ".", ms=2, alpha=0.25, color="0.4",
+                label="devices")
+        for row in result.stats:
+            if row["width_um"] is not None and row["n_used"] > 1:
+                ax.errorbar(row["width_um"], row[f"{name}_mean"] * _MA,
+                            yerr=row[f"{name}_std"] * _MA, fmt="s", ms=5, color="C3",
+                            capsize=3, zorder=3)
+        ax.errorbar([], [], yerr=[], fmt="s", color="C3", label="mean +- sd per width")
+        line = fit["intercept"] + fit["slope"] * xs
+        se = np.sqrt(np.maximum(xs ** 2 * fit["slope_se"] ** 2 + fit["intercept_se"] ** 2
+                                + 2 * xs * fit["slope_intercept_cov"], 0.0))
+        tq = stats.t.ppf(0.5 + 0.5 * result.confidence, fit["n_devices"] - 2)
+        ax.plot(xs, line * _MA, color="C0",
+                label=f"fit: {fit['slope'] * _MA:.4g} mA/\u00b5m, R$^2$={fit['r2']:.3f}")
+        ax.fill_between(xs, (line - tq * se) * _MA, (line + tq * se) * _MA, color="C0",
+                        alpha=0.2, lw=0, label=f"{result.confidence:.0%} CI of the line")
+        ax.set_xlabel("device width (\u00b5m)")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, xs[-1])
+        ax.set_ylim(bottom=min(0.0, float(np.min(line)) * _MA))
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("size dependence of I50", fontsize=10)
+    axes[1].set_title("size dependence of the programming window", fontsize=10)
+    return axes[0].figure
+
+
+def plot_calibration(result, *, devices=None, max_devices=6, title=None, path=None, dpi=150):
+    """Overview figure: fitted curves, histograms and (if >= 2 widths) width scaling.
+
+    Parameters
+    ----------
+    result : CalibrationResult
+    devices, max_devices
+        As in :func:`plot_device_curves`.
+    title : str, optional
+        Figure title (default names the source and the device count).
+    path : str or path, optional
+        Also save the figure here (format from the suffix, Agg backend).
+    dpi : int, default 150
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    _check_result(result)
+    scaling = result.width_fits is not None
+    fig = _new_figure((14.0, 8.0) if scaling else (14.0, 4.2))
+    grid = fig.subplots(2 if scaling else 1, 3, squeeze=False)
+    plot_device_curves(result, devices, ax=grid[0, 0], max_devices=max_devices)
+    plot_parameter_histograms(result, axes=grid[0, 1:])
+    if scaling:
+        plot_width_scaling(result, axes=grid[1, :2])
+        _text_panel(grid[1, 2], result)
+    fig.suptitle(title or f"calibration of {len(result)} devices from {result.source}",
+                 fontsize=12)
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def _text_panel(ax, result):
+    ax.axis("off")
+    f = result.per_device
+    lines = [f"devices: {len(result)}   skipped: {len(result.skipped)}",
+             f"stuck {int(f['stuck'].sum())}, non-monotone {int(f['nonmonotone'].sum())}, "
+             f"poor fit {int(f['poor_fit'].sum())}", ""]
+    pct = f"{result.confidence:.0%}"
+    for name, label in (("i50", "I50"), ("window", "W")):
+        ft = result.width_fits[name]
+        lines += [f"{label} = a w + b  (w in \u00b5m)",
+                  f"  a = {ft['slope'] * _MA:.4g} mA/\u00b5m",
+                  f"      {pct} CI [{ft['slope_ci'][0] * _MA:.4g}, {ft['slope_ci'][1] * _MA:.4g}]",
+                  f"  b = {ft['intercept'] * _MA:.3g} mA",
+                  f"      {pct} CI [{ft['intercept_ci'][0] * _MA:.3g}, "
+                  f"{ft['intercept_ci'][1] * _MA:.3g}]",
+                  f"  R^2 = {ft['r2']:.3f}", ""]
+    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8.5,
+            transform=ax.transAxes)
+
+
+def save_calibration_figures(result, directory, *, devices=None, max_devices=6, dpi=150):
+    """Write the calibration figures as PNG files into ``directory`` (created if needed).
+
+    Files: ``curves.png``, ``histograms.png``, ``calibration.png`` (overview)
+    and, with at least two widths, ``width_scaling.png``.
+
+    Returns
+    -------
+    list of pathlib.Path
+    """
+    _check_result(result)
+    _matplotlib()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    figs = [("curves.png", plot_device_curves(result, devices, max_devices=max_devices)),
+            ("histograms.png", plot_parameter_histograms(result))]
+    if result.width_fits is not None:
+        figs.append(("width_scaling.png", plot_width_scaling(result)))
+    figs.append(("calibration.png", plot_calibration(result, devices=devices,
+                                                     max_devices=max_devices)))
+    for name, fig in figs:
+        path = directory / name
+        fig.savefig(path, dpi=dpi)
+        paths.append(path)
+    return paths
