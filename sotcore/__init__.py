@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 from .backends import (BackendError, DeviceBackend, EmulatedBackend, InstrumentBackend,
-                       RecordingBackend, ReplayBackend)
+                       RecordingBackend, ReplayBackend, calibrate_backend)
 from .calibration import CalibrationResult, calibrate, simulate_measurements
 from .devices import DevicePopulation, switching_probability
 from .estimator import SOTClassifier
@@ -10,5 +10,5 @@ from .network import CurrentMapping
 
 __all__ = ["DevicePopulation", "switching_probability", "SOTClassifier", "CurrentMapping",
            "DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
-           "ReplayBackend", "BackendError", "calibrate", "CalibrationResult",
+           "ReplayBackend", "BackendError", "calibrate_backend", "calibrate", "CalibrationResult",
            "simulate_measurements", "__version__"]
