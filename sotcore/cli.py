@@ -2,7 +2,10 @@
 
 ::
 
-    sotcore-eval                      the main job (see run_main_job)
+    sotcore-eval [--data DIR] [--width UM ...] [--variability V] [--devices FILE]
+                 [--seeds N] [--out DIR]   the main job: training modes side by side
+    sotcore-eval train -o model.json [--data DIR] [--training hil] ...
+    sotcore-eval sweep --out results.jsonl [--widths ...] [--backend dask --scheduler ADDR]
     sotcore-eval calibrate MEASUREMENTS.csv -o devices.json [--plots DIR]
                  [--method sigmoid|isotonic] [--fit-levels] [--summary CSV] [--stats JSON]
     sotcore-eval simulate -o measurements.csv [--width 20 [40 ...]] [--n-devices 100]
@@ -16,6 +19,8 @@ import argparse
 import math
 import sys
 import warnings
+
+from .training import TrainingInterrupted
 
 PROG = "sotcore-eval"
 
@@ -58,7 +63,68 @@ def build_parser():
                      "main job.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    job = parser.add_argument_group(
+        "main job", "Train the modes (software, ex-situ, hardware-aware, hil with each "
+        "surrogate) on one device population and print their test accuracy at T = 1, 8, 32. "
+        "Default: scikit-learn's digits, an emulated 20 um population (assumed model "
+        "constants), 3 seeds.")
+    _add_data_options(job)
+    job.add_argument("--width", type=_number(float, low=0, low_open=True), nargs="+",
+                     default=[20.0], metavar="UM",
+                     help="device width(s) in um (default 20); several give a width study")
+    job.add_argument("--variability", type=_number(float, low=0, high=5), default=0.10,
+                     help="device-to-device variability (default 0.10)")
+    job.add_argument("--devices", metavar="DEVICES.json",
+                     help="a (calibrated) population file to use instead of the width model")
+    job.add_argument("--seeds", type=_number(int, low=1), default=3,
+                     help="number of seeds (default 3)")
+    job.add_argument("--surrogates", default="nominal,calibrated,straight-through",
+                     help="comma-separated HIL surrogates (default all three)")
+    job.add_argument("--samples", default="1,8,32", metavar="T,T,...",
+                     help="inference sample counts (default 1,8,32)")
+    job.add_argument("--out", metavar="DIR", help="write results.json and PNG figures here")
+    job.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    tr = sub.add_parser("train", help="train one SOTClassifier and save it",
+                        description="Train one network on the data and devices, report its "
+                        "test accuracy and save the model (JSON + .npz).")
+    _add_data_options(tr)
+    tr.add_argument("-o", "--output", metavar="MODEL.json", required=True)
+    tr.add_argument("--training", choices=("software", "ex-situ", "hardware-aware", "hil"),
+                    default="hil")
+    tr.add_argument("--surrogate", choices=("nominal", "calibrated", "straight-through"),
+                    default="nominal")
+    tr.add_argument("--width", type=_number(float, low=0, low_open=True), default=20.0)
+    tr.add_argument("--variability", type=_number(float, low=0, high=5), default=0.10)
+    tr.add_argument("--devices", metavar="DEVICES.json")
+    tr.add_argument("--samples", type=_number(int, low=1), default=32, help="T at inference")
+    tr.add_argument("--seed", type=_number(int, low=0), default=0)
+    tr.add_argument("--checkpoint", metavar="FILE", help="write training checkpoints here")
+    tr.add_argument("--resume", metavar="FILE", help="continue the run in this checkpoint")
+    tr.set_defaults(handler=_run_train)
+
+    sw = sub.add_parser("sweep", help="widths x variability x modes x seeds, on joblib or Dask",
+                        description="Run a sweep; each finished task is appended to the "
+                        "results file, so an interrupted sweep resumes where it stopped.")
+    sw.add_argument("--out", metavar="RESULTS.jsonl", required=True)
+    sw.add_argument("--data", metavar="DIR", help="MNIST IDX directory (default: digits)")
+    sw.add_argument("--widths", type=_number(float, low=0, low_open=True), nargs="+",
+                    default=[5.0, 10.0, 20.0, 40.0], metavar="UM")
+    sw.add_argument("--variabilities", type=_number(float, low=0, high=5), nargs="+",
+                    default=[0.05, 0.10, 0.20], metavar="V")
+    sw.add_argument("--runs", nargs="+", default=["software", "hardware-aware", "hil:nominal"],
+                    metavar="RUN", help="software, hardware-aware, hil:nominal, "
+                    "hil:straight-through (software also yields ex-situ)")
+    sw.add_argument("--seeds", type=_number(int, low=1), default=3)
+    sw.add_argument("--hidden", type=_number(int, low=1), nargs="+", default=None)
+    sw.add_argument("--epochs", type=_number(int, low=1), default=None)
+    sw.add_argument("--backend", choices=("joblib", "dask"), default="joblib")
+    sw.add_argument("--n-jobs", type=_number(int, low=1), default=1, help="joblib workers")
+    sw.add_argument("--scheduler", metavar="ADDRESS",
+                    help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(handler=_run_sweep)
 
     cal = sub.add_parser(
         "calibrate", help="fit switching curves to measured pulse data",
@@ -131,11 +197,188 @@ def build_parser():
     return parser
 
 
+# Presets per dataset: small data need more, smaller steps for the biases to absorb the
+# devices' spread (see README, "Choosing settings").
+DIGITS_PRESET = {"hidden": (200,), "params": {"max_iter": 30, "batch_size": 32}}
+MNIST_PRESET = {"hidden": (500,), "params": {"max_iter": 30, "batch_size": 100}}
+
+
+def _add_data_options(group):
+    group.add_argument("--data", metavar="DIR", help="directory of MNIST-format IDX files "
+                       "(train-images-idx3-ubyte[.gz] or train5k-..., t10k-...); default: "
+                       "scikit-learn's embedded digits")
+    group.add_argument("--hidden", type=_number(int, low=1), nargs="+", metavar="H",
+                       help="hidden layer sizes (default 200 on digits, 500 on MNIST)")
+    group.add_argument("--epochs", type=_number(int, low=1),
+                       help="training epochs (default 30)")
+    group.add_argument("--batch-size", type=_number(int, low=1),
+                       help="minibatch size (default 32 on digits, 100 on MNIST)")
+    group.add_argument("--max-train", type=_number(int, low=1), metavar="N",
+                       help="use only the first N training samples")
+
+
+def _load_data(args):
+    """(X_train, y_train, X_test, y_test, name, preset) from --data or the digits."""
+    from .datasets import load_digits, load_mnist
+    if args.data:
+        Xtr, ytr = load_mnist(args.data, "train")
+        Xte, yte = load_mnist(args.data, "test")
+        name, preset = f"MNIST-format data in {args.data}", MNIST_PRESET
+    else:
+        from sklearn.model_selection import train_test_split
+        X, y = load_digits()
+        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+        name, preset = "scikit-learn digits (1,257 train / 540 test)", DIGITS_PRESET
+    if args.max_train:
+        Xtr, ytr = Xtr[:args.max_train], ytr[:args.max_train]
+    hidden = tuple(args.hidden) if args.hidden else preset["hidden"]
+    params = dict(preset["params"])
+    if args.epochs:
+        params["max_iter"] = args.epochs
+    if args.batch_size:
+        params["batch_size"] = args.batch_size
+    return Xtr, ytr, Xte, yte, name, hidden, params
+
+
+def _csv_list(text, kind, what):
+    try:
+        out = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise _UsageError(f"{what} must be a comma-separated list, got {text!r}") from None
+    if not out:
+        raise _UsageError(f"{what} is empty")
+    return out
+
+
+def _load_population(path, n_needed):
+    from .devices import DevicePopulation
+    pop = DevicePopulation.load(path)
+    if len(pop) < n_needed:
+        raise ValueError(f"{path} holds {len(pop)} devices but the network needs {n_needed} "
+                         f"(use --hidden {len(pop)} or a larger population)")
+    return pop
+
+
 def run_main_job(args):
-    """The default job (no subcommand): not implemented yet."""
-    print(f"{PROG}: the main job (training modes compared on the embedded digits) is not "
-          f"implemented yet; see '{PROG} --help' for the available subcommands")
-    return 1
+    """The main job: the training modes side by side on one emulated population."""
+    import json
+    from pathlib import Path
+
+    from .backends import EmulatedBackend, calibrate_backend
+    from .experiments import compare_modes, format_table, summarize
+    from .training import SURROGATES, nominal_curve
+    surrogates = _csv_list(args.surrogates, str, "--surrogates")
+    bad = [x for x in surrogates if x not in SURROGATES]
+    if bad:
+        raise _UsageError(f"unknown surrogate(s) {', '.join(bad)}; choose from "
+                          f"{', '.join(SURROGATES)}")
+    Ts = _csv_list(args.samples, int, "--samples")
+    if min(Ts) < 1:
+        raise _UsageError("--samples must be positive")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_writable(out / "results.json")
+    Xtr, ytr, Xte, yte, name, hidden, params = _load_data(args)
+    population = _load_population(args.devices, sum(hidden)) if args.devices else None
+    widths = [None] if population is not None else args.width
+
+    def calib(pop, seed):
+        # Measured through an emulator of the devices by pulse sweeps, then fitted.
+        res = calibrate_backend(EmulatedBackend(pop, random_state=10_000 + seed),
+                                nominal_curve(pop), progress=False)
+        return res.population
+    print(f"{PROG}: {name}; hidden layers {list(hidden)}; "
+          f"{'devices from ' + args.devices if population is not None else ''}"
+          f"{'' if population is not None else 'width ' + ', '.join(map(str, widths)) + ' um, '}"
+          f"{'' if population is not None else f'variability {args.variability:.0%}'}; "
+          f"{args.seeds} seed(s)")
+    records = []
+    for w in widths:
+        recs = compare_modes(Xtr, ytr, Xte, yte, population=population,
+                             width=w if w is not None else 20.0, variability=args.variability,
+                             hidden_layer_sizes=hidden, surrogates=surrogates, n_samples=Ts,
+                             seeds=range(args.seeds), calibration=calib,
+                             estimator_params=params, progress=not args.quiet)
+        records.extend(recs)
+        if len(widths) > 1:
+            print(f"\nwidth {w} um")
+        print(format_table(recs))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(
+            {"data": name, "hidden": list(hidden), "estimator_params": params,
+             "records": records, "summary": summarize(records),
+             "note": "emulated devices from assumed model constants"}, indent=1))
+        written = ["results.json"]
+        try:
+            from .plotting import (plot_accuracy_vs_T, plot_accuracy_vs_width,
+                                   plot_learning_curves)
+            plot_learning_curves(records, out / "learning_curves.png")
+            plot_accuracy_vs_T(records, out / "accuracy_vs_T.png")
+            written += ["learning_curves.png", "accuracy_vs_T.png"]
+            if len(widths) > 1:
+                plot_accuracy_vs_width(records, out / "accuracy_vs_width.png", T=max(Ts))
+                written.append("accuracy_vs_width.png")
+        except ImportError:
+            print(f"{PROG}: matplotlib not installed: figures skipped "
+                  "(pip install sotcore[plot])")
+        print(f"{PROG}: wrote {', '.join(written)} to {out}")
+    return 0
+
+
+def _run_train(args):
+    from .estimator import SOTClassifier
+    _check_writable(args.output)
+    Xtr, ytr, Xte, yte, name, hidden, params = _load_data(args)
+    devices = _load_population(args.devices, sum(hidden)) if args.devices else args.width
+    calibration = None
+    if args.surrogate == "calibrated" and args.training == "hil":
+        from .backends import EmulatedBackend, calibrate_backend
+        from .devices import DevicePopulation
+        from .training import nominal_curve
+        pop = devices if isinstance(devices, DevicePopulation) else \
+            DevicePopulation.from_width(devices, sum(hidden), variability=args.variability,
+                                        random_state=args.seed)
+        devices = pop
+        calibration = calibrate_backend(EmulatedBackend(pop, random_state=10_000 + args.seed),
+                                        nominal_curve(pop)).population
+    clf = SOTClassifier(hidden_layer_sizes=hidden, devices=devices, training=args.training,
+                        surrogate=args.surrogate, calibration=calibration,
+                        variability=args.variability, n_samples=args.samples,
+                        random_state=args.seed, checkpoint=args.checkpoint, verbose=True,
+                        **params)
+    clf.fit(Xtr, ytr, resume_from=args.resume)
+    acc = clf.score(Xte, yte)
+    clf.save(args.output)
+    print(f"{PROG}: {args.training} on {name}: test accuracy {100 * acc:.2f} % at "
+          f"T={args.samples}; model written to {args.output}")
+    return 0
+
+
+def _run_sweep(args):
+    from .experiments import format_table
+    from .sweep import run_sweep, sweep_tasks
+    if args.backend == "dask" and not args.scheduler:
+        raise _UsageError("--backend dask needs --scheduler ADDRESS")
+    dataset = args.data or "digits"
+    preset = MNIST_PRESET if args.data else DIGITS_PRESET
+    params = dict(preset["params"])
+    if args.epochs:
+        params["max_iter"] = args.epochs
+    tasks = sweep_tasks(args.widths, args.variabilities, args.runs, range(args.seeds),
+                        dataset=dataset, hidden=args.hidden or preset["hidden"],
+                        estimator_params=params)
+    recs = run_sweep(tasks, args.out, backend=args.backend, n_jobs=args.n_jobs,
+                     scheduler=args.scheduler, progress=not args.quiet)
+    for w in sorted({r["width"] for r in recs}):
+        for v in sorted({r["variability"] for r in recs}):
+            sel = [r for r in recs if r["width"] == w and r["variability"] == v]
+            if sel:
+                print(f"\nwidth {w} um, variability {v:.0%}")
+                print(format_table(sel))
+    print(f"{PROG}: {len(recs)} records in {args.out}")
+    return 0
 
 
 def _check_writable(*paths):
@@ -246,6 +489,9 @@ def main(argv=None):
     except _UsageError as exc:
         _message("error", exc)
         return 2
+    except TrainingInterrupted as exc:
+        _message("error", exc)
+        return 3
     except (ValueError, TypeError, OSError, ImportError) as exc:
         _message("error", _describe(exc))
         return 1

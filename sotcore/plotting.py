@@ -1,4 +1,4 @@
-"""Figures of device calibrations (needs the optional matplotlib extra).
+"""Figures of device calibrations and training results (needs the optional matplotlib extra).
 
 Every function draws on a :class:`matplotlib.figure.Figure` created without
 pyplot (no global state, no GUI backend), so it works in scripts, servers
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["plot_device_curves", "plot_parameter_histograms", "plot_width_scaling",
-           "plot_calibration", "save_calibration_figures"]
+           "plot_calibration", "save_calibration_figures", "plot_learning_curves",
+           "plot_accuracy_vs_T", "plot_accuracy_vs_width", "plot_variability_gap"]
 
 _MA = 1e3  # amperes -> milliamperes for display
 
@@ -324,3 +325,104 @@ def save_calibration_figures(result, directory, *, devices=None, max_devices=6, 
         fig.savefig(path, dpi=dpi)
         paths.append(path)
     return paths
+
+
+# -- training results (records from sotcore.experiments.compare_modes) ----------------------
+_RUN_COLORS = {"software": "C0", "ex-situ": "C1", "hardware-aware": "C2",
+               "hil (nominal)": "C3", "hil (calibrated)": "C4", "hil (straight-through)": "C5"}
+
+
+def _runs(records):
+    return list(dict.fromkeys(r["run"] for r in records))
+
+
+def _color(run):
+    return _RUN_COLORS.get(run)
+
+
+def _save(fig, path, dpi=150):
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_learning_curves(records, path=None):
+    """Training loss per epoch of each mode (mean over seeds, band = min..max)."""
+    fig = _new_figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    for run in _runs(records):
+        if run == "ex-situ":
+            continue  # same training run as software
+        curves = {}
+        for r in records:
+            if r["run"] == run:
+                curves[r["seed"]] = r["loss_curve"]
+        L = min(len(c) for c in curves.values())
+        arr = np.array([c[:L] for c in curves.values()])
+        ep = np.arange(1, L + 1)
+        line, = ax.plot(ep, arr.mean(axis=0), label=run, color=_color(run))
+        if len(arr) > 1:
+            ax.fill_between(ep, arr.min(axis=0), arr.max(axis=0), alpha=0.2,
+                            color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (-log mean softmax)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Learning curves (ex-situ shares the software run)")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_T(records, path=None):
+    """Test accuracy against the number of samples T averaged at inference."""
+    fig = _new_figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    for run in _runs(records):
+        Ts = sorted({r["T"] for r in records if r["run"] == run})
+        acc = [[r["accuracy"] for r in records if r["run"] == run and r["T"] == T] for T in Ts]
+        ax.errorbar(Ts, [100 * np.mean(a) for a in acc], yerr=[100 * np.std(a) for a in acc],
+                    marker="o", capsize=3, label=run, color=_color(run))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("samples averaged at inference, T")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_width(records, path=None, T=32):
+    """Test accuracy at ``T`` samples against device width, per mode."""
+    fig = _new_figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    for run in _runs(records):
+        ws = sorted({r["width"] for r in records if r["run"] == run and r["T"] == T})
+        acc = [[r["accuracy"] for r in records
+                if r["run"] == run and r["T"] == T and r["width"] == w] for w in ws]
+        ax.errorbar(ws, [100 * np.mean(a) for a in acc], yerr=[100 * np.std(a) for a in acc],
+                    marker="o", capsize=3, label=run, color=_color(run))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("device width (um)")
+    ax.set_ylabel(f"test accuracy at T={T} (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_variability_gap(records, path=None, T=32):
+    """Accuracy of each mode against device-to-device variability (ex-situ gap)."""
+    fig = _new_figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    for run in _runs(records):
+        vs = sorted({r["variability"] for r in records if r["run"] == run and r["T"] == T})
+        if len(vs) < 2:
+            continue
+        acc = [[r["accuracy"] for r in records
+                if r["run"] == run and r["T"] == T and r["variability"] == v] for v in vs]
+        ax.errorbar([100 * v for v in vs], [100 * np.mean(a) for a in acc],
+                    yerr=[100 * np.std(a) for a in acc], marker="o", capsize=3, label=run, color=_color(run))
+    ax.set_xlabel("device-to-device variability (%)")
+    ax.set_ylabel(f"test accuracy at T={T} (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -143,8 +143,6 @@ def test_no_subcommand_runs_main_job(capsys):
         assert main([]) == 0 and len(calls) == 1
     finally:
         cli.run_main_job = orig
-    assert main([]) == 1
-    assert "not implemented yet" in capsys.readouterr().out
 
 
 def test_help_and_version(capsys):
@@ -172,3 +170,58 @@ def test_module_entry_point_subprocess(tmp_path, measurements):
                           env=env, timeout=120)
     assert proc.returncode == 1
     _one_error_line(proc.stderr)
+
+
+def test_main_job_small(tmp_path, capsys):
+    from sotcore.cli import main
+    code = main(["--hidden", "32", "--epochs", "3", "--seeds", "1", "--quiet",
+                 "--surrogates", "nominal,calibrated", "--samples", "1,4",
+                 "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    for run in ("software", "ex-situ", "hardware-aware", "hil (nominal)", "hil (calibrated)"):
+        assert run in out
+    assert "T=4" in out
+    assert (tmp_path / "out" / "results.json").exists()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / "accuracy_vs_T.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, code, text", [
+    (["--surrogates", "magic"], 2, "unknown surrogate"),
+    (["--samples", "a,b"], 2, "comma-separated"),
+    (["--data", "/nonexistent/dir"], 1, "not found"),
+    (["--devices", "/nonexistent.json"], 1, "not found"),
+    (["--seeds", "0"], 2, ">= 1"),
+    (["sweep", "--out", "x.jsonl", "--backend", "dask"], 2, "--scheduler"),
+    (["train"], 2, "required"),
+])
+def test_main_job_user_errors(argv, code, text, capsys):
+    from sotcore.cli import main
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert text in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_subcommand_and_devices_file(tmp_path, capsys):
+    import sotcore
+    from sotcore.cli import main
+    pop = sotcore.DevicePopulation.from_width(10.0, 24, random_state=0)
+    pop.save(tmp_path / "dev.json")
+    assert main(["train", "-o", str(tmp_path / "m.json"), "--devices",
+                 str(tmp_path / "dev.json"), "--hidden", "24", "--epochs", "2"]) == 0
+    clf = sotcore.SOTClassifier.load(tmp_path / "m.json")
+    assert clf.hidden_layer_sizes == [24]
+    assert main(["train", "-o", str(tmp_path / "m.json"), "--devices",
+                 str(tmp_path / "dev.json"), "--hidden", "48"]) == 1
+    assert "holds 24 devices" in capsys.readouterr().err
+
+
+def test_sweep_subcommand(tmp_path, capsys):
+    from sotcore.cli import main
+    out = tmp_path / "s.jsonl"
+    assert main(["sweep", "--out", str(out), "--widths", "10", "20", "--variabilities", "0.1",
+                 "--runs", "software", "--seeds", "1", "--hidden", "16", "--epochs", "2",
+                 "--quiet"]) == 0
+    assert "width 10.0 um" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 2 * 2 * 3
