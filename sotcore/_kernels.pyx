@@ -22,12 +22,23 @@ cdef extern from "_sotrng.h" nogil:
     uint64_t sot_stream_key(uint64_t seed, uint64_t stream)
     uint64_t sot_u64(uint64_t key, uint64_t ctr)
     void sot_fill_u64(uint64_t key, uint64_t ctr0, uint64_t *out, Py_ssize_t n)
-    void sot_sample_row_f64(const double *cur, const double *a, const double *b,
-                            const uint32_t *table, Py_ssize_t G, Py_ssize_t n,
-                            const uint32_t *rnd, uint8_t *out)
-    void sot_sample_row_f32(const float *cur, const float *a, const float *b,
-                            const uint32_t *table, Py_ssize_t G, Py_ssize_t n,
-                            const uint32_t *rnd, uint8_t *out)
+    # Sampler: one block of rows x columns [j0, j1); see _sotrng.h.  Returns 1
+    # if the block held a NaN or infinite current.
+    ctypedef int (*sot_block_f64_fn)(const double *cur, const double *a, const double *b,
+                                     const uint32_t *table, Py_ssize_t ldt, Py_ssize_t m,
+                                     Py_ssize_t G, uint64_t key, uint64_t row,
+                                     Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1,
+                                     uint8_t *out)
+    ctypedef int (*sot_block_f32_fn)(const float *cur, const float *a, const float *b,
+                                     const uint32_t *table, Py_ssize_t ldt, Py_ssize_t m,
+                                     Py_ssize_t G, uint64_t key, uint64_t row,
+                                     Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1,
+                                     uint8_t *out)
+    int sot_sampler_isa()
+    int sot_sampler_isa_max()
+    int sot_set_sampler_isa(int level)
+    sot_block_f64_fn sot_block_f64_for(int isa)
+    sot_block_f32_fn sot_block_f32_for(int isa)
 
 
 # Work per chunk, in elements.  Chunking depends on the data size only.
@@ -70,6 +81,43 @@ cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t n_cols) noexcept nogil:
     return CHUNK_ELEMS // n_cols
 
 
+# ---------------------------------------------------------------------------
+# Bernoulli sampler (kernels and bias bound: _sotrng.h).  The work is split
+# into blocks of up to SAMPLE_ROWS rows x SAMPLE_COLS devices, from the data
+# shape only (never the thread count).  Inside a block the C kernel walks one
+# tile of 16 devices at a time down all the block's rows, so each device's
+# table (4 KB by default) is fetched once per block and then hits L1; many
+# rows amortise that fetch.  Blocks are numbered column-block-major, so a
+# thread's consecutive blocks share tables, which then stay in L2.
+cdef enum:
+    SAMPLE_ROWS = 1024
+    SAMPLE_COLS = 128     # even (the kernels' pairs and tiles start at even columns)
+
+_SAMPLER_ISAS = ("scalar", "avx2", "avx512")
+
+
+def sampler_isa(name=None):
+    """The instruction-set path of the sampler; select another with ``name``.
+
+    ``name`` is one of ``"scalar"``, ``"avx2"``, ``"avx512"`` (capped at what
+    the CPU supports) or ``"best"``.  All paths give identical bits; this is
+    for tests and benchmarks.  Not thread-safe.  Returns the path in use.
+    """
+    if name is not None:
+        if name == "best":
+            sot_set_sampler_isa(-1)
+        elif name in _SAMPLER_ISAS:
+            sot_set_sampler_isa(_SAMPLER_ISAS.index(name))
+        else:
+            raise ValueError(f"unknown sampler path {name!r}; one of {_SAMPLER_ISAS} or 'best'")
+    return _SAMPLER_ISAS[sot_sampler_isa()]
+
+
+def sampler_isa_max():
+    """The best sampler path this CPU supports."""
+    return _SAMPLER_ISAS[sot_sampler_isa_max()]
+
+
 def sample_table(
     const floating[:, ::1] currents,
     const floating[::1] a,
@@ -84,9 +132,18 @@ def sample_table(
     """Bernoulli bits from per-device threshold tables.
 
     ``P(out[i, j] = 1)`` is ``table[j]`` linearly interpolated at the grid
-    coordinate ``currents[i, j] * a[j] + b[j]`` (clamped to the grid), divided
-    by 2**32.  The draws of row ``i`` come from counters of global row
-    ``row0 + i`` in stream ``stream`` of ``seed``.
+    coordinate ``x = currents[i, j] * a[j] + b[j]`` (clamped to the grid; NaN
+    counts as grid point 0), divided by 2**32, to within the bias bound
+    documented in ``_sotrng.h`` (< 2.2e-6 for the default tables).  The draws
+    of element ``(i, j)`` depend only on (``seed``, ``stream``, global row
+    ``row0 + i``, ``j``): the bits are the same for any ``n_threads``, any
+    split of the rows into calls, and any CPU path.
+
+    Returns
+    -------
+    bool
+        True if some current was NaN or infinite (those elements are still
+        sampled, as clamped), so callers need no separate finiteness pass.
     """
     cdef Py_ssize_t n = currents.shape[0], m = currents.shape[1]
     cdef Py_ssize_t G = table.shape[1]
@@ -97,34 +154,27 @@ def sample_table(
     if G < 2 or G > 1 << 20:
         raise ValueError("tables need between 2 and 2**20 grid points")
     if n == 0 or m == 0:
-        return
-    cdef Py_ssize_t npairs = (m + 1) // 2
-    cdef Py_ssize_t rpc = _rows_per_chunk(m)
-    cdef Py_ssize_t n_chunks = (n + rpc - 1) // rpc
+        return False
+    cdef int isa = sot_sampler_isa()   # resolved with the GIL held
+    cdef sot_block_f64_fn f64 = sot_block_f64_for(isa)
+    cdef sot_block_f32_fn f32 = sot_block_f32_for(isa)
     cdef uint64_t key = sot_stream_key(seed, stream)
-    cdef Py_ssize_t c, i, i0, i1
-    cdef uint64_t *buf
-    cdef int failed = 0
-    for c in prange(n_chunks, schedule="static", nogil=True, num_threads=n_threads):
-        buf = <uint64_t *>malloc(npairs * sizeof(uint64_t))
-        if buf == NULL:
-            failed = 1
+    cdef Py_ssize_t nrb = (n + SAMPLE_ROWS - 1) // SAMPLE_ROWS
+    cdef Py_ssize_t ncb = (m + SAMPLE_COLS - 1) // SAMPLE_COLS
+    cdef Py_ssize_t c, i0, i1, j0, j1
+    cdef int nonfinite = 0
+    for c in prange(nrb * ncb, schedule="static", nogil=True, num_threads=n_threads):
+        i0 = (c % nrb) * SAMPLE_ROWS
+        i1 = min(i0 + SAMPLE_ROWS, n)
+        j0 = (c // nrb) * SAMPLE_COLS
+        j1 = min(j0 + SAMPLE_COLS, m)
+        if floating is double:
+            nonfinite |= f64(&currents[i0, 0], &a[0], &b[0], &table[0, 0], G, m, G, key,
+                             row0 + <uint64_t>i0, i1 - i0, j0, j1, &out[i0, 0])
         else:
-            i0 = c * rpc
-            i1 = i0 + rpc
-            if i1 > n:
-                i1 = n
-            for i in range(i0, i1):
-                sot_fill_u64(key, (row0 + <uint64_t>i) * <uint64_t>npairs, buf, npairs)
-                if floating is double:
-                    sot_sample_row_f64(&currents[i, 0], &a[0], &b[0], &table[0, 0],
-                                       G, m, <const uint32_t *>buf, &out[i, 0])
-                else:
-                    sot_sample_row_f32(&currents[i, 0], &a[0], &b[0], &table[0, 0],
-                                       G, m, <const uint32_t *>buf, &out[i, 0])
-            free(buf)
-    if failed:
-        raise MemoryError("sample_table: could not allocate a row buffer")
+            nonfinite |= f32(&currents[i0, 0], &a[0], &b[0], &table[0, 0], G, m, G, key,
+                             row0 + <uint64_t>i0, i1 - i0, j0, j1, &out[i0, 0])
+    return nonfinite != 0
 
 
 cdef inline void _add_rows(const uint8_t *bits, const float *W, Py_ssize_t K,
