@@ -27,13 +27,13 @@ cdef extern from "_sotrng.h" nogil:
     ctypedef int (*sot_block_f64_fn)(const double *cur, const double *a, const double *b,
                                      const uint32_t *table, Py_ssize_t ldt, Py_ssize_t m,
                                      Py_ssize_t G, uint64_t key, uint64_t row,
-                                     Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1,
-                                     uint8_t *out)
+                                     const uint64_t *rowkeys, Py_ssize_t nrows,
+                                     Py_ssize_t j0, Py_ssize_t j1, uint8_t *out)
     ctypedef int (*sot_block_f32_fn)(const float *cur, const float *a, const float *b,
                                      const uint32_t *table, Py_ssize_t ldt, Py_ssize_t m,
                                      Py_ssize_t G, uint64_t key, uint64_t row,
-                                     Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1,
-                                     uint8_t *out)
+                                     const uint64_t *rowkeys, Py_ssize_t nrows,
+                                     Py_ssize_t j0, Py_ssize_t j1, uint8_t *out)
     int sot_sampler_isa()
     int sot_sampler_isa_max()
     int sot_set_sampler_isa(int level)
@@ -128,6 +128,7 @@ def sample_table(
     uint64_t row0,
     uint8_t[:, ::1] out,
     int n_threads,
+    const uint64_t[::1] row_keys=None,
 ):
     """Bernoulli bits from per-device threshold tables.
 
@@ -138,6 +139,10 @@ def sample_table(
     of element ``(i, j)`` depend only on (``seed``, ``stream``, global row
     ``row0 + i``, ``j``): the bits are the same for any ``n_threads``, any
     split of the rows into calls, and any CPU path.
+
+    With ``row_keys`` (one uint64 per row), row ``i`` draws as global row
+    ``row_keys[i]`` instead of ``row0 + i``: bits then depend on each row's
+    own key only, not on its position (used for inference keyed by input).
 
     Returns
     -------
@@ -153,8 +158,13 @@ def sample_table(
         raise ValueError("out must have the shape of currents")
     if G < 2 or G > 1 << 20:
         raise ValueError("tables need between 2 and 2**20 grid points")
+    if row_keys is not None and row_keys.shape[0] != n:
+        raise ValueError("row_keys must have one entry per row of currents")
     if n == 0 or m == 0:
         return False
+    cdef const uint64_t *keys = NULL
+    if row_keys is not None:
+        keys = &row_keys[0]
     cdef int isa = sot_sampler_isa()   # resolved with the GIL held
     cdef sot_block_f64_fn f64 = sot_block_f64_for(isa)
     cdef sot_block_f32_fn f32 = sot_block_f32_for(isa)
@@ -163,6 +173,8 @@ def sample_table(
     cdef Py_ssize_t ncb = (m + SAMPLE_COLS - 1) // SAMPLE_COLS
     cdef Py_ssize_t c, i0, i1, j0, j1
     cdef int nonfinite = 0
+    # No more threads than blocks: idle OpenMP threads spin and slow BLAS down.
+    n_threads = max(1, min(n_threads, nrb * ncb))
     for c in prange(nrb * ncb, schedule="static", nogil=True, num_threads=n_threads):
         i0 = (c % nrb) * SAMPLE_ROWS
         i1 = min(i0 + SAMPLE_ROWS, n)
@@ -170,10 +182,12 @@ def sample_table(
         j1 = min(j0 + SAMPLE_COLS, m)
         if floating is double:
             nonfinite |= f64(&currents[i0, 0], &a[0], &b[0], &table[0, 0], G, m, G, key,
-                             row0 + <uint64_t>i0, i1 - i0, j0, j1, &out[i0, 0])
+                             row0 + <uint64_t>i0, keys + i0 if keys != NULL else NULL,
+                             i1 - i0, j0, j1, &out[i0, 0])
         else:
             nonfinite |= f32(&currents[i0, 0], &a[0], &b[0], &table[0, 0], G, m, G, key,
-                             row0 + <uint64_t>i0, i1 - i0, j0, j1, &out[i0, 0])
+                             row0 + <uint64_t>i0, keys + i0 if keys != NULL else NULL,
+                             i1 - i0, j0, j1, &out[i0, 0])
     return nonfinite != 0
 
 
@@ -210,6 +224,7 @@ def binary_matvec(const uint8_t[:, ::1] bits, const float[:, ::1] W,
     cdef Py_ssize_t rpc = _rows_per_chunk(K * M // 8 + 1)
     cdef Py_ssize_t n_chunks = (n + rpc - 1) // rpc
     cdef Py_ssize_t c, i, i0, i1
+    n_threads = max(1, min(n_threads, n_chunks))
     for c in prange(n_chunks, schedule="static", nogil=True, num_threads=n_threads):
         i0 = c * rpc
         i1 = i0 + rpc

@@ -126,7 +126,7 @@ static void sot_fill_u64(uint64_t key, uint64_t ctr0, uint64_t *out, ptrdiff_t n
 #define SOT_BLOCK_ARGS(CTYPE)                                                       \
     const CTYPE *cur, const CTYPE *a, const CTYPE *b, const uint32_t *table,         \
     ptrdiff_t ldt, ptrdiff_t m, ptrdiff_t G, uint64_t key, uint64_t row,             \
-    ptrdiff_t nrows, ptrdiff_t j0, ptrdiff_t j1, uint8_t *out
+    const uint64_t *rowkeys, ptrdiff_t nrows, ptrdiff_t j0, ptrdiff_t j1, uint8_t *out
 
 typedef int (*sot_block_f64_fn)(SOT_BLOCK_ARGS(double));
 typedef int (*sot_block_f32_fn)(SOT_BLOCK_ARGS(float));
@@ -142,8 +142,8 @@ static int NAME(SOT_BLOCK_ARGS(CTYPE))                                          
         for (ptrdiff_t i = 0; i < nrows; ++i) {                                      \
             const CTYPE *c = cur + i * m;                                            \
             uint8_t *o = out + i * m;                                                \
-            uint64_t z = key + ((row + (uint64_t)i) * npairs                         \
-                                + (uint64_t)jt / 2 + 1) * SOT_GAMMA;                 \
+            const uint64_t rr = rowkeys ? rowkeys[i] : row + (uint64_t)i;           \
+            uint64_t z = key + (rr * npairs + (uint64_t)jt / 2 + 1) * SOT_GAMMA;     \
             uint64_t u = 0;                                                          \
             for (ptrdiff_t j = jt; j < je; ++j) {                                    \
                 if (((j - jt) & 1) == 0) {                                           \
@@ -222,6 +222,9 @@ SOT_AVX512 static inline __m512i sot_mix64_512(__m512i z)
         for (ptrdiff_t i = 0; i < nrows; ++i, c += m, o += m) {                      \
             SOT_PREFETCH(c + SOT_PF_ROWS * m);                                       \
             SOT_PREFETCH(c + SOT_PF_ROWS * m + 15);                                  \
+            if (rowkeys)                                                             \
+                z = _mm512_add_epi64(zstep8, _mm512_set1_epi64((long long)(key +     \
+                    (rowkeys[i] * npairs + (uint64_t)jt / 2 + 1) * SOT_GAMMA)));     \
             const __m512i r = sot_mix64_512(z);                                      \
             z = _mm512_add_epi64(z, zrow);
 
@@ -354,6 +357,9 @@ static void sot_init_bytes8(void)
         for (ptrdiff_t i = 0; i < nrows; ++i, c += m, o += m) {                      \
             SOT_PREFETCH(c + SOT_PF_ROWS * m);                                       \
             SOT_PREFETCH(c + SOT_PF_ROWS * m + 7);                                   \
+            if (rowkeys)                                                             \
+                z = _mm256_add_epi64(zstep4, _mm256_set1_epi64x((long long)(key +    \
+                    (rowkeys[i] * npairs + (uint64_t)jt / 2 + 1) * SOT_GAMMA)));     \
             const __m256i r = sot_mix64_256(z);                                      \
             z = _mm256_add_epi64(z, zrow);
 
@@ -391,7 +397,7 @@ SOT_AVX2 static int sot_block_f32_avx2(SOT_BLOCK_ARGS(float))
     nonfinite |= _mm256_movemask_epi8(
         _mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x7F7FFFFF))) != 0;
     if (jv < j1)
-        nonfinite |= sot_block_f32_scalar(cur, a, b, table, ldt, m, G, key, row, nrows,
+        nonfinite |= sot_block_f32_scalar(cur, a, b, table, ldt, m, G, key, row, rowkeys, nrows,
                                           jv, j1, out);
     return nonfinite;
 }
@@ -428,7 +434,7 @@ SOT_AVX2 static int sot_block_f64_avx2(SOT_BLOCK_ARGS(double))
     SOT_AVX2_TILE_END
     nonfinite |= _mm256_movemask_epi8(bad) != 0;
     if (jv < j1)
-        nonfinite |= sot_block_f64_scalar(cur, a, b, table, ldt, m, G, key, row, nrows,
+        nonfinite |= sot_block_f64_scalar(cur, a, b, table, ldt, m, G, key, row, rowkeys, nrows,
                                           jv, j1, out);
     return nonfinite;
 }

@@ -73,6 +73,7 @@ class DeviceBackend:
     """Base class: validates requests and counts pulses; subclasses implement ``_pulse``."""
 
     n_devices = 0
+    _check_finite = True     # the emulator's kernel checks finiteness itself
 
     def __init__(self):
         self.pulse_counts = np.zeros(self.n_devices, dtype=np.int64)
@@ -81,7 +82,8 @@ class DeviceBackend:
         """Apply one pulse per (row, device); return uint8 bits of the same shape."""
         devices = _device_index(devices, self.n_devices)
         k = _count(devices)
-        arr = as_float_array(currents, "currents", ndim=2, allow_float32=True)
+        arr = as_float_array(currents, "currents", ndim=2, allow_float32=True,
+                             finite=self._check_finite)
         if arr.shape[1] != k:
             raise ValueError(f"currents must have {k} columns (one per requested device), "
                              f"got shape {arr.shape}")
@@ -119,6 +121,8 @@ class EmulatedBackend(DeviceBackend):
     refreshed whenever some device has had ``update_pulses`` more pulses.
     ``population`` then always describes the devices *now*.
     """
+
+    _check_finite = False
 
     def __init__(self, population, random_state=None, n_threads=None, aging=None,
                  update_pulses=1000):
@@ -164,8 +168,27 @@ class EmulatedBackend(DeviceBackend):
         if self.aging is not None:
             self._refresh()
         bits = self._subpop(devices)._sample_seeded(currents, self.seed, self.n_threads,
-                                                    stream=self.calls)
+                                                    stream=self.calls, name="currents")
         self.calls += 1
+        return bits
+
+    def pulse_keyed(self, currents, devices, row_keys, stream):
+        """Like ``pulse``, but row ``i`` draws from its own key ``row_keys[i]`` in
+        ``stream`` (not from the call count): the same input row always gives
+        the same bits, whatever else is in the batch.  Used for inference."""
+        devices = _device_index(devices, self.n_devices)
+        arr = as_float_array(currents, "currents", ndim=2, allow_float32=True, finite=False)
+        if arr.shape[1] != _count(devices):
+            raise ValueError(f"currents must have {_count(devices)} columns, got {arr.shape}")
+        keys = np.ascontiguousarray(row_keys, dtype=np.uint64)
+        if keys.shape != (arr.shape[0],):
+            raise ValueError("row_keys must have one entry per row of currents")
+        if self.aging is not None:
+            self._refresh()
+        bits = self._subpop(devices)._sample_seeded(
+            arr, self.seed, self.n_threads, stream=(1 << 62) + int(stream), row_keys=keys,
+            name="currents")
+        self.pulse_counts[devices] += arr.shape[0]
         return bits
 
     def device_curves(self):

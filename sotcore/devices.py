@@ -277,8 +277,9 @@ class DevicePopulation:
         return self._nonparam.copy()
 
     # -- curves -------------------------------------------------------------------------
-    def _check_currents(self, current, name="current", allow_float32=False):
-        arr = as_float_array(current, name, ndim=(1, 2), allow_float32=allow_float32)
+    def _check_currents(self, current, name="current", allow_float32=False, finite=True):
+        arr = as_float_array(current, name, ndim=(1, 2), allow_float32=allow_float32,
+                             finite=finite)
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)
         if arr.shape[1] != len(self):
@@ -395,19 +396,27 @@ class DevicePopulation:
         -------
         ndarray of uint8 (0/1), same shape as ``current``
         """
-        arr = self._check_currents(current, allow_float32=True)
+        # The kernel reports non-finite currents itself (no extra pass over the data).
+        arr = self._check_currents(current, allow_float32=True, finite=False)
         seed = seed_from_random_state(random_state)
         return self._sample_seeded(arr, seed, n_threads, stream, row_offset).reshape(
             np.shape(current))
 
-    def _sample_seeded(self, arr, seed, n_threads=None, stream=0, row_offset=0, out=None):
-        """Sample validated C-contiguous (n, n_devices) currents with a known seed."""
+    def _sample_seeded(self, arr, seed, n_threads=None, stream=0, row_offset=0, out=None,
+                       row_keys=None, name="current"):
+        """Sample C-contiguous (n, n_devices) float currents with a known seed.
+
+        Raises ValueError (naming the first bad element) if a current is not
+        finite; ``row_keys`` (uint64, one per row) keys each row's draws.
+        """
         thr = self.table()[2]
         a, b = self._table_cache[arr.dtype.type]
         if out is None:
             out = np.empty(arr.shape, dtype=np.uint8)
-        _kernels.sample_table(arr, a, b, thr, np.uint64(seed), np.uint64(stream),
-                              np.uint64(row_offset), out, effective_n_threads(n_threads))
+        if _kernels.sample_table(arr, a, b, thr, np.uint64(seed), np.uint64(stream),
+                                 np.uint64(row_offset), out, effective_n_threads(n_threads),
+                                 row_keys):
+            as_float_array(arr, name, allow_float32=True)   # raises, naming the element
         return out
 
     # -- persistence --------------------------------------------------------------------

@@ -369,8 +369,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         return EmulatedBackend(pop, int(self._seeds[1]) ^ 0x5EED, self.n_threads)
 
     def _proba(self, network, X, evaluation=True):
+        # Inference noise keyed by each input's content (and the model's seed):
+        # a row's prediction never depends on the rest of the batch.
+        keys = _row_keys(X, int(self._seeds[1]) % 2**32)
         return network.predict_proba(X, self._eval_backend(evaluation), self.n_samples,
-                                     n_threads=self.n_threads)
+                                     n_threads=self.n_threads, row_keys=keys)
 
     def predict_proba(self, X):
         """Class probabilities: the softmax averaged over ``n_samples`` stochastic passes."""

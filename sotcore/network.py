@@ -128,12 +128,16 @@ class StochasticMLP:
         probs = softmax(z).reshape(n, T, -1)
         return probs, {"currents": currents, "bits": bits_list}
 
-    def predict_proba(self, X, backend, n_samples=32, batch_size=None, n_threads=None):
+    def predict_proba(self, X, backend, n_samples=32, batch_size=None, n_threads=None,
+                      row_keys=None):
         """Class probabilities averaged over ``n_samples`` stochastic passes.
 
         Hidden layers after the first and the output use the compiled binary
         mat-vec kernel on the bits.  Rows are processed in batches so memory
-        stays bounded whatever ``len(X)``.
+        stays bounded whatever ``len(X)``.  With ``row_keys`` (one uint64 per
+        row of X) and a backend that has ``pulse_keyed`` (the emulator), the
+        noise of each input depends only on its key: predictions do not depend
+        on the batch, the row order or earlier calls.
         """
         T = int(n_samples)
         n = X.shape[0]
@@ -142,19 +146,29 @@ class StochasticMLP:
         nt = effective_n_threads(n_threads)
         slices = self.device_slices()
         out = np.empty((n, self.layer_sizes[-1]), dtype=np.float64)
+        keyed = row_keys is not None and hasattr(backend, "pulse_keyed")
         for s in range(0, n, batch_size):
             Xb = X[s:s + batch_size]
             z = Xb @ self.coefs[0] + self.intercepts[0]
             cur = np.repeat(self.mapping.to_current(z).astype(np.float32, copy=False), T, axis=0)
-            bits = backend.pulse(cur, slices[0])
+            if keyed:
+                # Sample t of input i draws from key_i + t * golden (distinct per sample).
+                with np.errstate(over="ignore"):
+                    keys = (np.repeat(np.asarray(row_keys[s:s + batch_size], np.uint64), T)
+                            + np.tile(np.arange(T, dtype=np.uint64), len(Xb))
+                            * np.uint64(0x9E3779B97F4A7C15))
+
+            def pulse(c, k):
+                return backend.pulse_keyed(c, slices[k], keys, k) if keyed \
+                    else backend.pulse(c, slices[k])
+            bits = pulse(cur, 0)
             for k in range(1, len(self.coefs)):
                 zk = np.empty((bits.shape[0], self.coefs[k].shape[1]), np.float32)
                 _kernels.binary_matvec(bits, self.coefs[k], zk, nt)
                 zk += self.intercepts[k]
                 if k == len(self.coefs) - 1:
                     break
-                bits = backend.pulse(self.mapping.to_current(zk).astype(np.float32, copy=False),
-                                     slices[k])
+                bits = pulse(self.mapping.to_current(zk).astype(np.float32, copy=False), k)
             out[s:s + batch_size] = softmax(zk.astype(np.float64)).reshape(
                 Xb.shape[0], T, -1).mean(axis=1)
         return out

@@ -160,3 +160,14 @@ def test_load_rejects_bad_model_files(tmp_path, digits):
         SOTClassifier.load(path)
     with pytest.raises(FileNotFoundError, match="not found"):
         SOTClassifier.load(tmp_path / "absent.json")
+
+
+def test_predictions_do_not_depend_on_the_batch(digits):
+    Xtr, Xte, ytr, _ = digits
+    clf = SOTClassifier(hidden_layer_sizes=(16, 8), max_iter=2, n_samples=4, random_state=0,
+                        **FAST).fit(Xtr, ytr)
+    P = clf.predict_proba(Xte)
+    np.testing.assert_array_equal(clf.predict_proba(Xte[5:9]), P[5:9])
+    perm = np.random.default_rng(0).permutation(len(Xte))
+    np.testing.assert_array_equal(clf.predict_proba(Xte[perm]), P[perm])
+    np.testing.assert_array_equal(clf.predict_proba(Xte), P)      # repeatable

@@ -485,3 +485,33 @@ def test_binary_matvec_rejects_bad_shapes():
         _kernels.binary_matvec(bits, W, np.zeros((3, 3), np.float32), 1)
     with pytest.raises(ValueError):
         _kernels.binary_matvec(bits, W.astype(np.float64), np.zeros((3, 2), np.float32), 1)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_keys_equal_one_row_calls_at_that_key(isa, dtype):
+    """Keyed row i draws exactly as an unkeyed one-row call at row0 = key_i."""
+    K = _kernels
+    pop = DevicePopulation.from_width(20.0, 37, random_state=0)
+    _, _, thr = pop.table()
+    a, b = pop._table_cache[dtype]
+    rng = np.random.default_rng(3)
+    I = (pop.i50 + pop.scale * rng.standard_normal((150, 37))).astype(dtype)
+    keys = rng.integers(0, 2**64, 150, dtype=np.uint64)
+    old = K.sampler_isa()
+    try:
+        K.sampler_isa(isa)
+        out = np.empty(I.shape, np.uint8)
+        K.sample_table(I, a, b, thr, 5, 2, 0, out, 2, keys)
+        for i in range(150):
+            one = np.empty((1, 37), np.uint8)
+            K.sample_table(I[i:i + 1], a, b, thr, 5, 2, int(keys[i]), one, 1)
+            np.testing.assert_array_equal(out[i], one[0])
+        perm = rng.permutation(150)
+        out2 = np.empty(I.shape, np.uint8)
+        K.sample_table(np.ascontiguousarray(I[perm]), a, b, thr, 5, 2, 0, out2, 1, keys[perm])
+        np.testing.assert_array_equal(out2, out[perm])
+        with pytest.raises(ValueError, match="row_keys"):
+            K.sample_table(I, a, b, thr, 5, 2, 0, out, 1, keys[:3])
+    finally:
+        K.sampler_isa(old)
