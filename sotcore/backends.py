@@ -18,7 +18,7 @@ from ._utils import as_float_array, seed_from_random_state
 from .devices import WINDOW_PER_SCALE, DevicePopulation
 
 __all__ = ["DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
-           "ReplayBackend", "BackendError", "calibrate_backend"]
+           "ReplayBackend", "CompensatedBackend", "BackendError", "calibrate_backend"]
 
 
 class BackendError(RuntimeError):
@@ -171,6 +171,16 @@ class EmulatedBackend(DeviceBackend):
                                                     stream=self.calls, name="currents")
         self.calls += 1
         return bits
+
+    def age(self, pulses):
+        """Advance every device's pulse count by ``pulses`` without sampling
+        (time in service, for aging studies); returns the new population."""
+        if isinstance(pulses, bool) or not isinstance(pulses, (int, np.integer)) or pulses < 0:
+            raise ValueError(f"pulses must be a non-negative integer, got {pulses!r}")
+        self.pulse_counts += int(pulses)
+        if self.aging is not None:
+            self._refresh()
+        return self.population
 
     def pulse_keyed(self, currents, devices, row_keys, stream):
         """Like ``pulse``, but row ``i`` draws from its own key ``row_keys[i]`` in
@@ -446,3 +456,119 @@ def calibrate_backend(backend, nominal, *, coarse_span=0.5, coarse_points=41, co
              "pulses": np.full(n_points * m, pulses),
              "switched": bits.sum(axis=1).ravel()}
     return calibrate(table, progress=progress, **calibrate_kw)
+
+
+class CompensatedBackend(DeviceBackend):
+    """Make drifting devices look like their reference curves to the network.
+
+    Each request for current ``I`` on device ``j`` is applied as
+    ``I' = i50_now[j] + (I - i50_ref[j]) * scale_now[j] / scale_ref[j]``, so a
+    device whose curve moved from ``reference`` to ``now`` switches with the
+    reference probability.  ``now`` starts equal to ``reference`` and is updated
+    by :meth:`recalibrate` (from recorded pulses) or :meth:`set_curves`.
+    Put a :class:`RecordingBackend` *inside* (between this and the devices) so
+    the log holds the currents actually applied.
+
+    Parameters
+    ----------
+    inner : device backend
+    reference : DevicePopulation
+        The curves the network was (or is being) trained against.
+    """
+
+    def __init__(self, inner, reference):
+        if not isinstance(reference, DevicePopulation) or len(reference) != inner.n_devices:
+            raise ValueError("reference must be a DevicePopulation with one entry per device")
+        self.inner = inner
+        self.n_devices = inner.n_devices
+        self.reference = reference
+        self.i50_now = reference.i50.copy()
+        self.scale_now = reference.scale.copy()
+        self.recalibrations = 0
+        super().__init__()
+
+    def device_curves(self):
+        return self.reference
+
+    def set_curves(self, i50, scale, mask=None):
+        """Set the devices' present curves (``mask``: only these devices)."""
+        i50 = np.asarray(i50, dtype=np.float64)
+        scale = np.asarray(scale, dtype=np.float64)
+        mask = np.ones(self.n_devices, bool) if mask is None else np.asarray(mask, bool)
+        if i50.shape != (self.n_devices,) or scale.shape != (self.n_devices,):
+            raise ValueError(f"i50 and scale need {self.n_devices} entries")
+        ok = mask & np.isfinite(i50) & np.isfinite(scale) & (scale > 0)
+        self.i50_now[ok] = i50[ok]
+        self.scale_now[ok] = scale[ok]
+        return ok
+
+    def _pulse(self, currents, devices):
+        idx = np.arange(devices.start, devices.stop) if isinstance(devices, slice) else devices
+        ref = self.reference
+        gain = (self.scale_now[idx] / ref.scale[idx]).astype(currents.dtype)
+        applied = (self.i50_now[idx].astype(currents.dtype)
+                   + (currents - ref.i50[idx].astype(currents.dtype)) * gain)
+        return self.inner.pulse(applied, devices)
+
+    def recalibrate(self, records, *, bin_width=None, min_pulses=200, max_rel_se=0.25):
+        """Refit the devices' present curves from per-pulse records.
+
+        ``records``: dict of ``device``, ``current`` (applied amperes) and
+        ``switched`` arrays, e.g. ``RecordingBackend.records(last=k)``.
+        Currents are binned (``bin_width`` amperes, default a quarter of the
+        median reference scale) before the binomial fit.  Devices with fewer
+        than ``min_pulses`` pulses or fewer than 3 bins with both outcomes,
+        flagged fits (stuck, poor fit, non-monotone, at a bound) or an I50
+        standard error above ``max_rel_se`` of the scale keep their previous
+        curve.  Returns the boolean mask of devices updated.
+        """
+        from .calibration import calibrate
+        dev = np.asarray(records["device"], dtype=np.int64)
+        cur = np.asarray(records["current"], dtype=np.float64)
+        sw = np.asarray(records["switched"], dtype=np.int64)
+        if bin_width is None:
+            bin_width = 0.25 * float(np.median(self.reference.scale))
+        b = np.rint(cur / bin_width).astype(np.int64)
+        key = dev * (1 << 40) + (b - b.min(initial=0))
+        uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+        sw_sum = np.bincount(inv, weights=sw, minlength=uniq.size)
+        cur_mean = np.bincount(inv, weights=cur, minlength=uniq.size) / counts
+        d = uniq >> 40
+        per_dev = np.bincount(d, weights=counts, minlength=self.n_devices)
+        # Only devices whose pulses straddle their switching region carry
+        # information: >= 3 current bins with both outcomes.  Near-separable
+        # devices (scale -> 0) would also stall the joint fit.
+        mixed = (sw_sum > 0) & (sw_sum < counts)
+        n_mixed = np.bincount(d, weights=mixed, minlength=self.n_devices)
+        use = (per_dev[d] >= min_pulses) & (n_mixed[d] >= 3)
+        updated = np.zeros(self.n_devices, bool)
+        if not use.any():
+            return updated
+        table = {"device": d[use], "current": cur_mean[use], "pulses": counts[use],
+                 "switched": sw_sum[use].astype(np.int64)}
+        res = calibrate(table, progress=False)
+        f = res.per_device
+        labels = np.asarray(f["device"], dtype=np.int64)
+        good = ~(f["stuck"] | f["poor_fit"] | f["nonmonotone"] | f["at_bound"]) \
+            & np.isfinite(f["i50"]) & (f["i50_se"] < max_rel_se * f["scale"])
+        i50 = self.i50_now.copy()
+        scale = self.scale_now.copy()
+        i50[labels[good]] = f["i50"][good]
+        scale[labels[good]] = f["scale"][good]
+        mask = np.zeros(self.n_devices, bool)
+        mask[labels[good]] = True
+        updated = self.set_curves(i50, scale, mask)
+        self.recalibrations += 1
+        return updated
+
+    def get_state(self):
+        inner = self.inner.get_state() if hasattr(self.inner, "get_state") else None
+        return {**super().get_state(), "inner": inner, "i50_now": self.i50_now.tolist(),
+                "scale_now": self.scale_now.tolist()}
+
+    def set_state(self, state):
+        super().set_state(state)
+        self.i50_now = np.asarray(state["i50_now"], dtype=np.float64)
+        self.scale_now = np.asarray(state["scale_now"], dtype=np.float64)
+        if state.get("inner") is not None and hasattr(self.inner, "set_state"):
+            self.inner.set_state(state["inner"])

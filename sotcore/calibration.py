@@ -92,9 +92,12 @@ _LOG_SCALE_BOUNDS = (math.log(1e-3), math.log(1e2))
 # everywhere in the box (L-BFGS-B cannot recover from an infinite trial
 # point); estimates on these bounds are reported as exactly 0 and 1.
 _LEVEL_EPS = 1e-9
-# Devices per optimiser call.  The problem is separable, so chunks only bound
-# memory and drive the progress bar; fixed, independent of the machine.
-_FIT_CHUNK = 1024
+# Devices per optimiser call.  The problem is separable, but one joint L-BFGS
+# run takes as many iterations as its worst-conditioned device needs, so small
+# chunks keep messy data (e.g. pulses recorded during training) fast: 32 gives
+# 0.18 s for a clean 1000 x 25 sweep and 3.6x faster re-fits of recorded
+# pulses than 1024.  Fixed, independent of the machine.
+_FIT_CHUNK = 32
 # Newton decrement g' H^-1 g (~ twice the log-likelihood still to gain) below
 # which a device counts as converged; 1e-6 puts the estimate within ~0.001 SE
 # of the optimum.

@@ -98,6 +98,10 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         ``fit(X, y, resume_from=checkpoint)`` continues such a run exactly.
     checkpoint_every : int or None
         Also checkpoint every this many batches.
+    callbacks : list of callables or None
+        ``cb(epoch, info, network) -> bool`` after every epoch (``info``: loss,
+        accuracies, seconds); returning True stops training.  E.g. periodic
+        device recalibration, logging, custom stopping rules.
 
     Attributes
     ----------
@@ -139,6 +143,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         "n_threads": [Interval(numbers.Integral, None, None, closed="neither"), None],
         "checkpoint": [str, os.PathLike, None],
         "checkpoint_every": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "callbacks": [list, tuple, None],
     }
 
     def __init__(self, hidden_layer_sizes=(500,), devices=None, training="hil",
@@ -147,7 +152,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                  alpha=1e-4, solver="adam", momentum=0.9, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, mapping_unit=None,
                  nominal_device=None, random_state=None, verbose=False, n_threads=None,
-                 checkpoint=None, checkpoint_every=None):
+                 checkpoint=None, checkpoint_every=None, callbacks=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.devices = devices
         self.training = training
@@ -173,6 +178,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         self.n_threads = n_threads
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
+        self.callbacks = callbacks
 
     # -- set-up -------------------------------------------------------------------------
     def _hidden_sizes(self):
@@ -314,6 +320,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             n_iter_no_change=self.n_iter_no_change, tol=self.tol,
             eval_fn=lambda net, Xv: self._proba(net, Xv, evaluation=False),
             random_state=rng_seed, verbose=bool(self.verbose),
+            callbacks=tuple(self.callbacks or ()),
             network=None if state is None else state["network"],
             optimizer=None if state is None else state["optimizer"],
             start_epoch=0 if state is None else state["epoch"],
@@ -414,7 +421,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         np.savez(buf, **arrays)
         blob = buf.getvalue()
         params = {k: v for k, v in self.get_params().items()
-                  if k not in ("devices", "calibration", "random_state")}
+                  if k not in ("devices", "calibration", "random_state", "callbacks",
+                               "checkpoint")}
         params["hidden_layer_sizes"] = self._hidden_sizes()
         classes = self.classes_
         meta = {
