@@ -1,0 +1,36 @@
+"""The kernel tests against a build with Cython bounds checking switched on."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source tree")
+def test_kernel_tests_pass_with_boundscheck(tmp_path):
+    pytest.importorskip("Cython")
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "sotcore", src / "sotcore",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__", "*.pyd"))
+    shutil.copytree(ROOT / "tests", src / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "SOTCORE_BOUNDSCHECK": "1"}
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-3000:]
+    c_src = (src / "sotcore" / "_kernels.c").read_text()
+    assert "__Pyx_RaiseBufferIndexError" in c_src or "IndexError" in c_src
+    env["PYTHONPATH"] = str(src)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_kernels.py", "tests/test_devices.py"], cwd=src, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout
