@@ -12,9 +12,9 @@ noisier ones; each mode is trained and tested per width on MNIST.  Writes
 """
 import argparse
 import json
-from pathlib import Path
 
-from sotcore.datasets import load_mnist
+from _study import mnist_study
+
 from sotcore.devices import DEFAULT_I50_PER_UM, DEFAULT_WINDOW_FRACTION, WINDOW_PER_SCALE
 from sotcore.experiments import compare_modes, format_table, summarize
 
@@ -29,14 +29,7 @@ def main(argv=None):
     ap.add_argument("--variability", type=float, default=0.10)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    Xtr, ytr = load_mnist(args.data, "train")
-    Xte, yte = load_mnist(args.data, "test")
-    hidden, seeds, epochs = (500,), list(range(args.seeds)), args.epochs
-    if args.quick:
-        Xtr, ytr, Xte, yte = Xtr[:1000], ytr[:1000], Xte[:1000], yte[:1000]
-        hidden, seeds, epochs = (100,), [0], 3
+    out, Xtr, ytr, Xte, yte, hidden, seeds, epochs = mnist_study(args)
     # Fixed mapping: one network unit = the 20 um nominal device's sigmoid scale.
     unit = DEFAULT_WINDOW_FRACTION * DEFAULT_I50_PER_UM * 20.0 / WINDOW_PER_SCALE
     records = []

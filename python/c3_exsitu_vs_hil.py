@@ -11,12 +11,12 @@ device-to-device variabilities.  Writes ``results.json``, ``table.txt`` and
 """
 import argparse
 import json
-from pathlib import Path
+
+from _study import mnist_study
 
 import numpy as np
 
 import sotcore
-from sotcore.datasets import load_mnist
 from sotcore.experiments import compare_modes, format_table, summarize
 
 
@@ -31,14 +31,7 @@ def main(argv=None):
     ap.add_argument("--surrogates", default="nominal,calibrated,straight-through")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    Xtr, ytr = load_mnist(args.data, "train")
-    Xte, yte = load_mnist(args.data, "test")
-    hidden, seeds, epochs = (500,), list(range(args.seeds)), args.epochs
-    if args.quick:
-        Xtr, ytr, Xte, yte = Xtr[:1000], ytr[:1000], Xte[:1000], yte[:1000]
-        hidden, seeds, epochs = (100,), [0], 3
+    out, Xtr, ytr, Xte, yte, hidden, seeds, epochs = mnist_study(args)
     surrogates = [s for s in args.surrogates.split(",") if s]
     calib = None
     if "calibrated" in surrogates:
@@ -81,7 +74,8 @@ def main(argv=None):
         return
     main_recs = [r for r in records if abs(r["variability"] - 0.10) < 1e-9] or records
     plot_learning_curves(main_recs, out / "c3_learning_curves.png")
-    plot_variability_gap(records, out / "c3_variability.png")
+    if len(variabilities) > 1:
+        plot_variability_gap(records, out / "c3_variability.png")
 
 
 if __name__ == "__main__":

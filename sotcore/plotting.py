@@ -374,55 +374,39 @@ def plot_learning_curves(records, path=None):
     return _save(fig, path)
 
 
-def plot_accuracy_vs_T(records, path=None):
-    """Test accuracy against the number of samples T averaged at inference."""
+def _accuracy_against(records, key, T, xlabel, path, *, scale=1.0, log2=True, min_points=1):
+    """Test accuracy at ``T`` (mean ± std over seeds) against ``record[key]``, per run."""
     fig = _new_figure((6.4, 4.2))
     ax = fig.add_subplot()
     for run in _runs(records):
-        Ts = sorted({r["T"] for r in records if r["run"] == run})
-        acc = [[r["accuracy"] for r in records if r["run"] == run and r["T"] == T] for T in Ts]
-        ax.errorbar(Ts, [100 * np.mean(a) for a in acc], yerr=[100 * np.std(a) for a in acc],
-                    marker="o", capsize=3, label=run, color=_color(run))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("samples averaged at inference, T")
-    ax.set_ylabel("test accuracy (%)")
+        sel = [r for r in records if r["run"] == run and (T is None or r["T"] == T)]
+        xs = sorted({r[key] for r in sel})
+        if len(xs) < min_points:
+            continue
+        acc = [[r["accuracy"] for r in sel if r[key] == x] for x in xs]
+        ax.errorbar([scale * x for x in xs], [100 * np.mean(a) for a in acc],
+                    yerr=[100 * np.std(a) for a in acc], marker="o", capsize=3, label=run,
+                    color=_color(run))
+    if log2:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)" if T is None else f"test accuracy at T={T} (%)")
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_accuracy_vs_T(records, path=None):
+    """Test accuracy against the number of samples T averaged at inference."""
+    return _accuracy_against(records, "T", None, "samples averaged at inference, T", path)
 
 
 def plot_accuracy_vs_width(records, path=None, T=32):
     """Test accuracy at ``T`` samples against device width, per mode."""
-    fig = _new_figure((6.4, 4.2))
-    ax = fig.add_subplot()
-    for run in _runs(records):
-        ws = sorted({r["width"] for r in records if r["run"] == run and r["T"] == T})
-        acc = [[r["accuracy"] for r in records
-                if r["run"] == run and r["T"] == T and r["width"] == w] for w in ws]
-        ax.errorbar(ws, [100 * np.mean(a) for a in acc], yerr=[100 * np.std(a) for a in acc],
-                    marker="o", capsize=3, label=run, color=_color(run))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("device width (um)")
-    ax.set_ylabel(f"test accuracy at T={T} (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _accuracy_against(records, "width", T, "device width (um)", path)
 
 
 def plot_variability_gap(records, path=None, T=32):
     """Accuracy of each mode against device-to-device variability (ex-situ gap)."""
-    fig = _new_figure((6.4, 4.2))
-    ax = fig.add_subplot()
-    for run in _runs(records):
-        vs = sorted({r["variability"] for r in records if r["run"] == run and r["T"] == T})
-        if len(vs) < 2:
-            continue
-        acc = [[r["accuracy"] for r in records
-                if r["run"] == run and r["T"] == T and r["variability"] == v] for v in vs]
-        ax.errorbar([100 * v for v in vs], [100 * np.mean(a) for a in acc],
-                    yerr=[100 * np.std(a) for a in acc], marker="o", capsize=3, label=run, color=_color(run))
-    ax.set_xlabel("device-to-device variability (%)")
-    ax.set_ylabel(f"test accuracy at T={T} (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _accuracy_against(records, "variability", T, "device-to-device variability (%)",
+                             path, scale=100.0, log2=False, min_points=2)
