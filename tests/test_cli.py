@@ -161,13 +161,13 @@ def test_module_entry_point_subprocess(tmp_path, measurements):
     out = tmp_path / "d.json"
     proc = subprocess.run([sys.executable, "-m", "sotcore.cli", "calibrate", str(measurements),
                            "-o", str(out)], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "sotcore calibration of 50 device(s)" in proc.stdout
     assert len(DevicePopulation.load(out)) == 50
     proc = subprocess.run([sys.executable, "-m", "sotcore.cli", "calibrate",
                            str(tmp_path / "missing.csv")], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1
     _one_error_line(proc.stderr)
 
