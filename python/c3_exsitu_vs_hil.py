@@ -14,7 +14,6 @@ import json
 
 from _study import mnist_study
 
-import numpy as np
 
 import sotcore
 from sotcore.experiments import compare_modes, format_table, summarize

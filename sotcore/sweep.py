@@ -13,7 +13,6 @@ import itertools
 import json
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 __all__ = ["sweep_tasks", "run_task", "run_sweep", "load_results"]

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-import sotcore
 from sotcore import DevicePopulation
 from sotcore.devices import (DEFAULT_I50_PER_UM, DEFAULT_WINDOW_FRACTION, WINDOW_PER_SCALE,
                              switching_probability)

@@ -40,7 +40,6 @@ def test_public_import_and_defaults():
 def test_devices_argument_forms(digits, devices):
     Xtr, Xte, ytr, yte = digits
     pop = sotcore.DevicePopulation.from_width(20.0, 40, random_state=0)
-    kw = {}
     if devices == "population":
         devices = pop
     elif devices == "backend":

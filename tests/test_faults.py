@@ -110,7 +110,6 @@ def test_epoch_checkpoint_resume_equals_uninterrupted(tmp_path):
     from sotcore import training
 
     orig = training.save_checkpoint
-    count = {"n": 0}
 
     def killing_save(path, state):
         out = orig(path, state)

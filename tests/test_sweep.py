@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 
 from sotcore.sweep import load_results, run_sweep, sweep_tasks
