@@ -389,6 +389,9 @@ def _accuracy_against(records, key, T, xlabel, path, *, scale=1.0, log2=True, mi
                     color=_color(run))
     if log2:
         ax.set_xscale("log", base=2)
+        ticks = sorted({scale * r[key] for r in records})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)" if T is None else f"test accuracy at T={T} (%)")
     ax.legend()
