@@ -1,4 +1,5 @@
-"""Fixtures and the ours/NumPy ratio summary for the sampling benchmarks.
+"""Fixtures and the ours/NumPy ratio summaries for the benchmarks (sampling,
+inference, training).
 
 Not collected by the normal test run (pyproject's testpaths is ["tests"]);
 run with ``pytest bench/ --benchmark-only`` (see bench/README.md).
@@ -33,16 +34,77 @@ def problems(population):
     return out
 
 
+@pytest.fixture(scope="session")
+def inference():
+    """784-500-10 weights from a short HIL run, the 10,000 MNIST test images."""
+    from references import InferenceProblem
+    return InferenceProblem()
+
+
+@pytest.fixture(scope="session")
+def training():
+    """The one-epoch HIL training problem (60,000 x 784)."""
+    from references import TrainingProblem
+    return TrainingProblem()
+
+
 def pytest_terminal_summary(terminalreporter, config):
-    """Print M samples/s per implementation and the ratio to the *faster* of
-    the two NumPy references, all measured in this run (ratios of medians)."""
+    """Print each suite's throughput per implementation and its ratio to the
+    NumPy reference, all measured in this run (ratios of medians)."""
     bs = getattr(config, "_benchmarksession", None)
     if bs is None or not bs.benchmarks:
         return
+    _sampling_summary(terminalreporter, bs)
+    _inference_summary(terminalreporter, bs)
+    _training_summary(terminalreporter, bs)
+
+
+def _inference_summary(tr, bs):
     rows = {}
     for bench in bs.benchmarks:
         info = bench.extra_info
-        if "impl" not in info or not bench.stats:
+        if info.get("suite") != "inference" or not bench.stats:
+            continue
+        rows.setdefault(info["T"], []).append(
+            (info["impl"], info["threads"], info["images"] / bench.stats.median / 1e3,
+             info["images"] / bench.stats.min / 1e3))
+    if not rows:
+        return
+    tr.section("inference throughput (k images/s) and ratio to the NumPy reference")
+    tr.write_line(f"{'T':>4} {'implementation':>16} {'threads':>7} {'median':>9} {'best':>9} "
+                  f"{'x NumPy (median)':>17}")
+    for T, entries in sorted(rows.items()):
+        ref = max((e[2] for e in entries if e[0] == "numpy"), default=float("nan"))
+        for impl, threads, med, best in sorted(entries, key=lambda e: (e[0] != "numpy", e[0], e[1])):
+            tr.write_line(f"{T:>4} {impl:>16} {threads or 'BLAS':>7} {med:>9.1f} {best:>9.1f} "
+                          f"{med / ref:>17.2f}")
+
+
+def _training_summary(tr, bs):
+    entries = []
+    for bench in bs.benchmarks:
+        info = bench.extra_info
+        if info.get("suite") != "training" or not bench.stats:
+            continue
+        entries.append((info["impl"], info["threads"], bench.stats.median, bench.stats.min))
+    if not entries:
+        return
+    ref = min((e[2] for e in entries if e[0] == "numpy"), default=float("nan"))
+    tr.section("HIL training epoch (s) and speed-up over the NumPy loop")
+    tr.write_line(f"{'implementation':>16} {'threads':>7} {'median s':>9} {'best s':>9} "
+                  f"{'x NumPy (median)':>17}")
+    for impl, threads, med, best in sorted(entries, key=lambda e: (e[0] != "numpy", e[0], e[1])):
+        tr.write_line(f"{impl:>16} {threads or 'default':>7} {med:>9.3f} {best:>9.3f} "
+                      f"{ref / med:>17.2f}")
+
+
+def _sampling_summary(terminalreporter, bs):
+    """M samples/s per implementation and the ratio to the *faster* of the two
+    NumPy references."""
+    rows = {}
+    for bench in bs.benchmarks:
+        info = bench.extra_info
+        if "impl" not in info or "rows" not in info or not bench.stats:
             continue
         key = (info["rows"], info["cols"], info["dtype"])
         rows.setdefault(key, []).append(

@@ -92,6 +92,7 @@ cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t n_cols) noexcept nogil:
 cdef enum:
     SAMPLE_ROWS = 1024
     SAMPLE_COLS = 128     # even (the kernels' pairs and tiles start at even columns)
+    SAMPLE_MIN_PER_THREAD = 131072    # elements per thread before going parallel
 
 _SAMPLER_ISAS = ("scalar", "avx2", "avx512")
 
@@ -173,8 +174,10 @@ def sample_table(
     cdef Py_ssize_t ncb = (m + SAMPLE_COLS - 1) // SAMPLE_COLS
     cdef Py_ssize_t c, i0, i1, j0, j1
     cdef int nonfinite = 0
-    # No more threads than blocks: idle OpenMP threads spin and slow BLAS down.
-    n_threads = max(1, min(n_threads, nrb * ncb))
+    # No more threads than blocks, and none for small calls (a training batch):
+    # idle OpenMP threads spin after the region and slow BLAS down, which costs
+    # more than the parallel sampling saves below ~SAMPLE_MIN_PER_THREAD elements.
+    n_threads = max(1, min(n_threads, nrb * ncb, (n * m) // SAMPLE_MIN_PER_THREAD))
     for c in prange(nrb * ncb, schedule="static", nogil=True, num_threads=n_threads):
         i0 = (c % nrb) * SAMPLE_ROWS
         i1 = min(i0 + SAMPLE_ROWS, n)
@@ -232,3 +235,322 @@ def binary_matvec(const uint8_t[:, ::1] bits, const float[:, ::1] W,
             i1 = n
         for i in range(i0, i1):
             _add_rows(&bits[i, 0], &W[0, 0], K, M, &out[i, 0])
+
+
+# ---------------------------------------------------------------------------
+# Fused kernels (_sotfused.h): multi-sample inference of a network with one
+# hidden layer of devices, optimiser steps, the nominal surrogate, row hashes.
+from cython.parallel cimport parallel
+from libc.stdint cimport uint16_t, int64_t
+
+cdef extern from "_sotfused.h" nogil:
+    ctypedef struct sot_fused_model:
+        Py_ssize_t H, Hp, ldz
+        const float *A
+        const float *B
+        const uint32_t *table
+        Py_ssize_t G
+        const float *R
+        const float *bias
+        Py_ssize_t C, Cp
+        uint64_t key, key2
+        Py_ssize_t T
+    int sot_fused_block(const sot_fused_model *md, int isa, const float *Z, Py_ssize_t nrows,
+                        const uint64_t *rowkeys, uint16_t *thi, uint16_t *tlo, float *scratch,
+                        double *accd, double *out)
+    void sot_subset_table(const float *W, Py_ssize_t H, Py_ssize_t C, Py_ssize_t Hp,
+                          Py_ssize_t Cp, float *R)
+    void sot_adam_f32(float *p, const float *g, float *m, float *v, Py_ssize_t n, float lr,
+                      float b1, float c1, float b2, float c2, float eps, float l2)
+    void sot_sgd_f32(float *p, const float *g, float *vel, Py_ssize_t n, float lr, float mu,
+                     int nesterov, float l2)
+    void sot_sigmoid_deriv_mul(float *g, const float *cur, Py_ssize_t n, float i50, float scale,
+                               float k_unit)
+    void sot_row_hash(const uint32_t *X, Py_ssize_t nrows, Py_ssize_t d, const uint64_t *mult,
+                      uint64_t *out)
+    double sot_train_output_step(const uint8_t *bits, Py_ssize_t n, Py_ssize_t T, Py_ssize_t H,
+                                 const float *W2p, const float *W2T, const float *b2p,
+                                 Py_ssize_t C, Py_ssize_t Cp, const int64_t *y, const float *cur,
+                                 const float *deriv, float i50, float scale, float kunit,
+                                 float *scratch, float *g1, float *gW2, float *gb2, float *gb1,
+                                 int64_t *correct)
+
+
+cdef enum:
+    FUSED_ROWS = 512          # rows per block of the fused kernel (thresholds: 512 x Hp x 4 B)
+    FUSED_PAD = 32            # devices padded to a multiple of this (one 512-bit draw)
+    ELEM_CHUNK = 65536        # elements per chunk of the element-wise kernels
+    ELEM_PARALLEL_MIN = 4194304   # element-wise kernels go parallel from this size on
+
+
+def fused_padded_sizes(Py_ssize_t n_devices, Py_ssize_t n_classes):
+    """``(Hp, Cp)``: devices padded to 32 and classes padded to 16, the shapes
+    of the ``subset_sum_table`` (``(Hp // 8) * 256`` rows of ``Cp`` floats)."""
+    return (n_devices + FUSED_PAD - 1) // FUSED_PAD * FUSED_PAD, (n_classes + 15) // 16 * 16
+
+
+def subset_sum_table(const float[:, ::1] W, float[:, ::1] R):
+    """The output layer's "four Russians" table for ``fused_predict``.
+
+    ``R[(g * 256 + s), c]`` is the sum of ``W[8 g + k, c]`` over the set bits
+    ``k`` of ``s`` (rows past ``W.shape[0]`` and columns past ``W.shape[1]``
+    count as 0).  ``R`` has shape ``((Hp // 8) * 256, Cp)`` (see
+    ``fused_padded_sizes``).
+    """
+    cdef Py_ssize_t H = W.shape[0], C = W.shape[1]
+    if H < 1 or C < 1:
+        raise ValueError("W needs at least one row and one column")
+    cdef Py_ssize_t Hp = (H + FUSED_PAD - 1) // FUSED_PAD * FUSED_PAD
+    if R.shape[1] % 16 or R.shape[1] < C or R.shape[0] != (Hp // 8) * 256:
+        raise ValueError(f"R must have shape ({(Hp // 8) * 256}, a multiple of 16 >= {C})")
+    with nogil:
+        sot_subset_table(&W[0, 0], H, C, Hp, R.shape[1], &R[0, 0])
+
+
+def fused_predict(const float[:, ::1] Z, const float[::1] A, const float[::1] B,
+                  const uint32_t[:, ::1] table, const float[:, ::1] R, const float[::1] bias,
+                  uint64_t seed, uint64_t stream, const uint64_t[::1] row_keys,
+                  Py_ssize_t n_samples, double[:, ::1] out, int n_threads,
+                  Py_ssize_t block_rows=FUSED_ROWS):
+    """Class probabilities of a one-hidden-layer device network, ``n_samples`` per row.
+
+    Parameters
+    ----------
+    Z : float32 (n, H)
+        First-layer products ``X @ W1`` (no bias).
+    A, B : float32 (H,)
+        Per device, ``z * A + B`` is 4096 times the grid coordinate of the
+        device's table (hidden bias, current mapping and table map folded in).
+    table : uint32 (H, G)
+        The devices' threshold tables.
+    R : float32 ((Hp // 8) * 256, Cp)
+        ``subset_sum_table`` of the output weights.
+    bias : float32 (Cp,)
+        Output biases, zero-padded.
+    seed, stream : the random stream; row_keys : uint64 (n,)
+        Row ``i``'s draws depend only on (seed, stream, row_keys[i]).
+    out : float64 (n, C)
+        Softmax averaged over the samples, each row summing to 1.
+
+    Rows are processed in blocks of ``block_rows`` (each block's thresholds
+    are computed tile by tile, then sampled); bit-identical for any
+    ``n_threads``, ``block_rows`` or CPU path (``_sotfused.h``).
+    Returns True if some ``Z`` was NaN or infinite (sampled as clamped).
+    """
+    cdef Py_ssize_t n = Z.shape[0], H = Z.shape[1], G = table.shape[1]
+    cdef Py_ssize_t Cp = R.shape[1], C = out.shape[1]
+    if H < 1:
+        raise ValueError("Z needs at least one column (device)")
+    if A.shape[0] != H or B.shape[0] != H or table.shape[0] != H:
+        raise ValueError("A, B and table must have one entry per column of Z")
+    if G < 2 or G > 1 << 20:
+        raise ValueError("tables need between 2 and 2**20 grid points")
+    cdef Py_ssize_t Hp = (H + FUSED_PAD - 1) // FUSED_PAD * FUSED_PAD
+    if Cp < 16 or Cp % 16 or R.shape[0] != (Hp // 8) * 256:
+        raise ValueError(f"R must have shape ({(Hp // 8) * 256}, a multiple of 16)")
+    if bias.shape[0] != Cp:
+        raise ValueError("bias must have one entry per column of R")
+    if C < 1 or C > Cp or out.shape[0] != n:
+        raise ValueError("out must have shape (Z.shape[0], C) with 1 <= C <= R.shape[1]")
+    if row_keys.shape[0] != n:
+        raise ValueError("row_keys must have one entry per row of Z")
+    if n_samples < 1:
+        raise ValueError("n_samples must be >= 1")
+    if block_rows < 1:
+        raise ValueError("block_rows must be >= 1")
+    if n == 0:
+        return False
+    cdef sot_fused_model md
+    md.H, md.Hp, md.ldz, md.G = H, Hp, H, G
+    md.A, md.B, md.table = &A[0], &B[0], &table[0, 0]
+    md.R, md.bias, md.C, md.Cp = &R[0, 0], &bias[0], C, Cp
+    md.key = sot_stream_key(seed, stream)
+    md.key2 = sot_stream_key(~seed, stream)
+    md.T = n_samples
+    cdef int isa = sot_sampler_isa()     # resolved with the GIL held
+    cdef Py_ssize_t nblk = (n + block_rows - 1) // block_rows
+    cdef Py_ssize_t c, i0, i1
+    cdef int nonfinite = 0, failed = 0
+    cdef uint16_t *buf
+    cdef float *scratch
+    cdef double *accd
+    block_rows = min(block_rows, n)
+    n_threads = max(1, min(n_threads, nblk))
+    with nogil, parallel(num_threads=n_threads):
+        # Per thread: thresholds (2 x block_rows x Hp uint16), accumulators, scratch.
+        buf = <uint16_t *> malloc(2 * block_rows * Hp * sizeof(uint16_t))
+        scratch = <float *> malloc((6 * Cp + 528) * sizeof(float))
+        accd = <double *> malloc(block_rows * Cp * sizeof(double))
+        for c in prange(nblk, schedule="static"):
+            if buf == NULL or scratch == NULL or accd == NULL:
+                failed |= 1
+            else:
+                i0 = c * block_rows
+                i1 = min(i0 + block_rows, n)
+                nonfinite |= sot_fused_block(&md, isa, &Z[i0, 0], i1 - i0, &row_keys[i0], buf,
+                                             buf + block_rows * Hp, scratch, accd, &out[i0, 0])
+        free(buf)
+        free(scratch)
+        free(accd)
+    if failed:
+        raise MemoryError("fused_predict: out of memory for the per-thread buffers")
+    return nonfinite != 0
+
+
+cdef inline int _elem_threads(Py_ssize_t n, int n_threads) noexcept nogil:
+    # Small updates run serially: on few cores an OpenMP team spinning next to
+    # BLAS's threads costs more than it saves (the training loop's case).
+    if n < ELEM_PARALLEL_MIN:
+        return 1
+    return max(1, min(n_threads, (n + ELEM_CHUNK - 1) // ELEM_CHUNK))
+
+
+def adam_update(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, float lr,
+                double beta1, double beta2, float eps, float l2, int n_threads=1):
+    """One Adam step in place, one pass: ``g' = g + l2 p``; ``m = b1 m + (1-b1) g'``;
+    ``v = b2 v + (1-b2) g'^2``; ``p -= lr m / (sqrt(v) + eps)`` (``lr`` bias-corrected
+    by the caller).  float32, element-wise: the result does not depend on
+    ``n_threads`` (parallel only for large arrays)."""
+    cdef Py_ssize_t n = p.shape[0], c, k0
+    if g.shape[0] != n or m.shape[0] != n or v.shape[0] != n:
+        raise ValueError("p, g, m and v must have the same length")
+    if n == 0:
+        return
+    cdef Py_ssize_t nch = (n + ELEM_CHUNK - 1) // ELEM_CHUNK
+    cdef int nt = _elem_threads(n, n_threads)
+    cdef float b1 = <float>beta1, c1 = <float>(1.0 - beta1)
+    cdef float b2 = <float>beta2, c2 = <float>(1.0 - beta2)
+    if nt == 1:
+        with nogil:
+            sot_adam_f32(&p[0], &g[0], &m[0], &v[0], n, lr, b1, c1, b2, c2, eps, l2)
+        return
+    for c in prange(nch, schedule="static", nogil=True, num_threads=nt):
+        k0 = c * ELEM_CHUNK
+        sot_adam_f32(&p[k0], &g[k0], &m[k0], &v[k0], min(ELEM_CHUNK, n - k0), lr, b1, c1,
+                     b2, c2, eps, l2)
+
+
+def sgd_update(float[::1] p, const float[::1] g, float[::1] vel, float lr, float momentum,
+               bint nesterov, float l2, int n_threads=1):
+    """One SGD-with-momentum step in place, one pass (``g' = g + l2 p``;
+    ``vel = mu vel - lr g'``; ``p += mu vel - lr g'`` (Nesterov) or ``p += vel``)."""
+    cdef Py_ssize_t n = p.shape[0], c, k0
+    if g.shape[0] != n or vel.shape[0] != n:
+        raise ValueError("p, g and vel must have the same length")
+    if n == 0:
+        return
+    cdef Py_ssize_t nch = (n + ELEM_CHUNK - 1) // ELEM_CHUNK
+    cdef int nt = _elem_threads(n, n_threads)
+    if nt == 1:
+        with nogil:
+            sot_sgd_f32(&p[0], &g[0], &vel[0], n, lr, momentum, nesterov, l2)
+        return
+    for c in prange(nch, schedule="static", nogil=True, num_threads=nt):
+        k0 = c * ELEM_CHUNK
+        sot_sgd_f32(&p[k0], &g[k0], &vel[k0], min(ELEM_CHUNK, n - k0), lr, momentum, nesterov,
+                    l2)
+
+
+def sigmoid_deriv_mul(float[::1] g, const float[::1] cur, float i50, float scale, float k,
+                      int n_threads=1):
+    """``g *= k * s * (1 - s)`` in place with ``s = expit((cur - i50) / scale)`` (float32)."""
+    cdef Py_ssize_t n = g.shape[0], c, k0
+    if cur.shape[0] != n:
+        raise ValueError("g and cur must have the same length")
+    if n == 0:
+        return
+    cdef Py_ssize_t nch = (n + ELEM_CHUNK - 1) // ELEM_CHUNK
+    cdef int nt = _elem_threads(n, n_threads)
+    if nt == 1:
+        with nogil:
+            sot_sigmoid_deriv_mul(&g[0], &cur[0], n, i50, scale, k)
+        return
+    for c in prange(nch, schedule="static", nogil=True, num_threads=nt):
+        k0 = c * ELEM_CHUNK
+        sot_sigmoid_deriv_mul(&g[k0], &cur[k0], min(ELEM_CHUNK, n - k0), i50, scale, k)
+
+
+def row_hash(const uint32_t[:, ::1] X, const uint64_t[::1] mult, uint64_t[::1] out,
+             int n_threads=1):
+    """``h_i = sum_j X[i, j] * mult[j]`` (mod 2**64), then ``h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9; h ^= h >> 32`` (``estimator._row_keys``)."""
+    cdef Py_ssize_t n = X.shape[0], d = X.shape[1], c, i0
+    if mult.shape[0] != d:
+        raise ValueError("mult must have one entry per column of X")
+    if out.shape[0] != n:
+        raise ValueError("out must have one entry per row of X")
+    if n == 0:
+        return
+    cdef Py_ssize_t rpc = max(1, ELEM_CHUNK // max(d, 1))
+    cdef Py_ssize_t nch = (n + rpc - 1) // rpc
+    cdef int nt = _elem_threads(n * d, n_threads)
+    cdef const uint32_t *x0 = &X[0, 0] if d > 0 else NULL
+    if d == 0:
+        out[:] = 0
+        return
+    for c in prange(nch, schedule="static", nogil=True, num_threads=nt):
+        i0 = c * rpc
+        sot_row_hash(x0 + i0 * d, min(rpc, n - i0), d, &mult[0], &out[i0])
+
+
+def fill_random(uint64_t seed, uint64_t stream, uint64_t ctr0, uint64_t[::1] out):
+    """Fill ``out`` with the generator's words ``u64(key(seed, stream), ctr0 + k)``
+    (the SplitMix64 counter generator; for tests and throughput benchmarks)."""
+    cdef Py_ssize_t n = out.shape[0]
+    cdef uint64_t key = sot_stream_key(seed, stream)
+    if n:
+        with nogil:
+            sot_fill_u64(key, ctr0, &out[0], n)
+
+
+def train_output_step(const uint8_t[:, ::1] bits, Py_ssize_t n_samples, const float[:, ::1] W2p,
+                      const float[:, ::1] W2T, const float[::1] b2p, const int64_t[::1] y,
+                      const float[:, ::1] cur, const float[:, ::1] deriv, double i50,
+                      double scale, double k_unit, float[:, ::1] g1, float[:, ::1] gW2,
+                      float[::1] gb2, float[::1] gb1, float[::1] scratch):
+    """Output layer, mixture loss and backward pass of one training step of a
+    network with one hidden layer, in one pass (``_sotfused.h``).
+
+    ``bits`` (n*T, H): the devices' answers (0/1), row ``i*T + t``; ``W2p``
+    (H, Cp) the output weights zero-padded to ``Cp`` (a multiple of 16)
+    columns, ``W2T`` (C, H) their transpose, ``b2p`` (Cp,) the padded biases;
+    ``y`` (n,) labels in [0, C); ``cur`` (n, H) the first layer's currents;
+    ``deriv`` (n, H) dP/dz, or None for the nominal curve ``k_unit * s (1 - s)``,
+    ``s = expit((cur - i50) / scale)``.  Writes ``g1`` (n, H) = d loss / d z1,
+    ``gW2`` (H, Cp), ``gb2`` (Cp,), ``gb1`` (H,); ``scratch`` needs
+    ``train_output_scratch(n, T, H, Cp)`` floats.  Returns (summed loss, correct).
+    """
+    cdef Py_ssize_t T = n_samples, H = bits.shape[1], C = W2T.shape[0], Cp = W2p.shape[1]
+    cdef Py_ssize_t n = y.shape[0], i
+    if T < 1 or bits.shape[0] != n * T:
+        raise ValueError("bits must have n_samples rows per label")
+    if H < 1 or C < 1 or Cp % 16 or Cp < C or W2p.shape[0] != H or W2T.shape[1] != H:
+        raise ValueError("W2p must be (H, Cp), Cp a multiple of 16 >= C, and W2T (C, H)")
+    if b2p.shape[0] != Cp or gW2.shape[0] != H or gW2.shape[1] != Cp or gb2.shape[0] != Cp:
+        raise ValueError("b2p, gW2 and gb2 must have Cp columns")
+    if cur.shape[0] != n or cur.shape[1] != H or g1.shape[0] != n or g1.shape[1] != H \
+            or gb1.shape[0] != H:
+        raise ValueError("cur and g1 must be (n, H) and gb1 (H,)")
+    if deriv is not None and (deriv.shape[0] != n or deriv.shape[1] != H):
+        raise ValueError("deriv must be (n, H)")
+    if n == 0:
+        raise ValueError("empty batch")
+    if scratch.shape[0] < train_output_scratch(n, T, H, Cp):
+        raise ValueError("scratch is too small")
+    for i in range(n):
+        if y[i] < 0 or y[i] >= C:
+            raise ValueError(f"label {y[i]} outside [0, {C})")
+    cdef const float *dp = NULL if deriv is None else &deriv[0, 0]
+    cdef int64_t correct = 0
+    cdef double loss
+    with nogil:
+        loss = sot_train_output_step(&bits[0, 0], n, T, H, &W2p[0, 0], &W2T[0, 0], &b2p[0], C, Cp,
+                                     &y[0], &cur[0, 0], dp, <float>i50, <float>scale,
+                                     <float>k_unit, &scratch[0], &g1[0, 0], &gW2[0, 0], &gb2[0],
+                                     &gb1[0], &correct)
+    return loss, int(correct)
+
+
+def train_output_scratch(Py_ssize_t n, Py_ssize_t n_samples, Py_ssize_t H, Py_ssize_t Cp):
+    """Floats of scratch ``train_output_step`` needs."""
+    return 3 * Cp + n * n_samples * (Cp + H) + 2 * H

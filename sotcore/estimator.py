@@ -14,6 +14,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from . import _kernels
 from ._utils import seed_from_random_state
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
@@ -34,22 +35,32 @@ def _is_backend(obj):
     return hasattr(obj, "pulse") and hasattr(obj, "n_devices")
 
 
-def _row_keys(X, seed):
+class _RowKeys:
     """A 64-bit key per row that depends only on the row's values and ``seed``.
 
     Used to draw inference noise per input, so predictions do not depend on
-    which other rows are in the batch or in which order.
+    which other rows are in the batch or in which order.  The hash: the
+    rows' float32 bit patterns times per-column odd multipliers, summed mod
+    2**64, then mixed (compiled, no temporaries: ``_kernels.row_hash``).
+    Callable on any block of rows, so the network can hash block by block
+    in its worker threads.
     """
-    Xc = np.ascontiguousarray(X, dtype=np.float32)
-    bits = Xc.view(np.uint32).astype(np.uint64)
-    mult = np.random.default_rng(seed).integers(1, 2**63, size=Xc.shape[1], dtype=np.uint64)
-    mult |= np.uint64(1)
-    with np.errstate(over="ignore"):
-        h = (bits * mult).sum(axis=1, dtype=np.uint64)
-        h ^= h >> np.uint64(29)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(32)
-    return h
+
+    def __init__(self, seed, n_features):
+        self.mult = np.random.default_rng(seed).integers(1, 2**63, size=n_features,
+                                                         dtype=np.uint64)
+        self.mult |= np.uint64(1)
+
+    def __call__(self, X):
+        Xc = np.ascontiguousarray(X, dtype=np.float32)
+        keys = np.empty(Xc.shape[0], dtype=np.uint64)
+        _kernels.row_hash(Xc.reshape(Xc.shape[0], -1).view(np.uint32), self.mult, keys, 1)
+        return keys
+
+
+def _row_keys(X, seed):
+    """The content keys of the rows of X (see ``_RowKeys``)."""
+    return _RowKeys(seed, np.shape(X)[1])(X)
 
 
 class SOTClassifier(ClassifierMixin, BaseEstimator):
@@ -379,7 +390,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
     def _proba(self, network, X, evaluation=True):
         # Inference noise keyed by each input's content (and the model's seed):
         # a row's prediction never depends on the rest of the batch.
-        keys = _row_keys(X, int(self._seeds[1]) % 2**32)
+        keys = _RowKeys(int(self._seeds[1]) % 2**32, X.shape[1])
         return network.predict_proba(X, self._eval_backend(evaluation), self.n_samples,
                                      n_threads=self.n_threads, row_keys=keys)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import _kernels
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
 from .network import CurrentMapping, StochasticMLP, nominal_derivative
@@ -72,6 +73,13 @@ def make_surrogate(kind, mapping, i50_nominal, scale_nominal, curves=None):
         def fn(cur, sl):
             return nominal_derivative(cur, np.float32(i50_nominal), np.float32(scale_nominal),
                                       np.float32(unit)).astype(np.float32, copy=False)
+
+        def mul_inplace(g, cur, sl):
+            # g *= fn(cur, sl) in one compiled float32 pass (training's hot path)
+            _kernels.sigmoid_deriv_mul(g.reshape(-1), cur.reshape(-1), i50_nominal,
+                                       scale_nominal, unit / scale_nominal, 1)
+        fn.mul_inplace = mul_inplace
+        fn.nominal = (float(i50_nominal), float(scale_nominal), float(unit / scale_nominal))
     elif kind == "calibrated":
         if curves is None:
             raise ValueError("the calibrated surrogate needs device curves (a calibration)")
@@ -94,8 +102,22 @@ def make_surrogate(kind, mapping, i50_nominal, scale_nominal, curves=None):
     return fn
 
 
+def _kernel_ok(*arrays):
+    """True if the compiled update applies: float32, C-contiguous, one shape."""
+    a0 = arrays[0]
+    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
+               and a.shape == a0.shape for a in arrays) and a0.flags.writeable
+
+
 class Adam:
-    """Adam (Kingma & Ba 2015) on a list of arrays, updated in place."""
+    """Adam (Kingma & Ba 2015) on a list of arrays, updated in place.
+
+    float32 parameters are updated by one compiled pass per array
+    (``_kernels.adam_update``: moments, bias-corrected step and the optional
+    L2 term together), on the calling thread: training alternates the
+    update with BLAS calls, and an OpenMP team next to BLAS's busy-waiting
+    threads made an epoch ~10x slower on 2 cores.  Other dtypes by NumPy.
+    """
 
     def __init__(self, params, lr=3e-3, beta1=0.9, beta2=0.999, eps=1e-8):
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
@@ -103,11 +125,19 @@ class Adam:
         self.v = [np.zeros_like(p) for p in params]
         self.t = 0
 
-    def step(self, params, grads):
+    def step(self, params, grads, l2=None):
+        """One step; ``l2`` (one coefficient per array, or None) adds ``l2 * p`` to the gradient."""
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         lr = self.lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        for p, g, m, v in zip(params, grads, self.m, self.v):
+        for k, (p, g, m, v) in enumerate(zip(params, grads, self.m, self.v)):
+            c = 0.0 if l2 is None else float(l2[k])
+            if _kernel_ok(p, g, m, v):
+                _kernels.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                                     lr, b1, b2, self.eps, c, 1)
+                continue
+            if c:
+                g = g + c * p
             m *= b1
             m += (1 - b1) * g
             v *= b2
@@ -119,16 +149,25 @@ class Adam:
 
 
 class SGD:
-    """SGD with (Nesterov) momentum on a list of arrays, updated in place."""
+    """SGD with (Nesterov) momentum on a list of arrays, updated in place
+    (float32 by one compiled pass per array, ``_kernels.sgd_update``)."""
 
     def __init__(self, params, lr=1e-2, momentum=0.9, nesterov=True):
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
         self.vel = [np.zeros_like(p) for p in params]
         self.t = 0
 
-    def step(self, params, grads):
+    def step(self, params, grads, l2=None):
+        """One step; ``l2`` (one coefficient per array, or None) adds ``l2 * p`` to the gradient."""
         self.t += 1
-        for p, g, v in zip(params, grads, self.vel):
+        for k, (p, g, v) in enumerate(zip(params, grads, self.vel)):
+            c = 0.0 if l2 is None else float(l2[k])
+            if _kernel_ok(p, g, v):
+                _kernels.sgd_update(p.reshape(-1), g.reshape(-1), v.reshape(-1), self.lr,
+                                    self.momentum, bool(self.nesterov), c, 1)
+                continue
+            if c:
+                g = g + c * p
             v *= self.momentum
             v -= self.lr * g
             if self.nesterov:
@@ -259,6 +298,49 @@ def load_checkpoint(path):
             "best": best}
 
 
+def _fast_step_buffers(network, X, batch_size, T):
+    """Buffers of the one-hidden-layer fast step, or None where it does not apply
+    (deeper networks, non-float32 weights or data)."""
+    if len(network.coefs) != 2 or not (isinstance(X, np.ndarray) and X.dtype == np.float32):
+        return None
+    if any(a.dtype != np.float32 or not a.flags.c_contiguous
+           for a in network.coefs + network.intercepts):
+        return None
+    H, C = network.coefs[1].shape
+    Cp = (C + 15) // 16 * 16
+    return {"z1": np.empty((batch_size, H), np.float32),
+            "g1": np.empty((batch_size, H), np.float32),
+            "W2p": np.zeros((H, Cp), np.float32), "W2T": np.empty((C, H), np.float32),
+            "b2p": np.zeros(Cp, np.float32), "gW2": np.empty((H, Cp), np.float32),
+            "gb2": np.empty(Cp, np.float32), "gb1": np.empty(H, np.float32), "C": C,
+            "scratch": np.empty(_kernels.train_output_scratch(batch_size, T, H, Cp), np.float32)}
+
+
+def _fast_output_step(fast, network, bits, cur, yb, T, surrogate, sl, grads_w, grads_b):
+    """Output layer, mixture loss and backward pass in one compiled pass
+    (``_kernels.train_output_step``); fills the gradients of layer 1 and
+    ``grads_b[0]``, returns (summed loss, correct, d loss / d z1)."""
+    C, nb = fast["C"], len(yb)
+    W2 = network.coefs[1]
+    fast["W2p"][:, :C] = W2
+    np.copyto(fast["W2T"], W2.T)
+    fast["b2p"][:C] = network.intercepts[1]
+    nominal = getattr(surrogate, "nominal", None)
+    deriv = None
+    if nominal is None:
+        deriv = np.ascontiguousarray(surrogate(cur, sl), dtype=np.float32)
+        nominal = (0.0, 1.0, 1.0)
+    g1 = fast["g1"][:nb]
+    loss_sum, ok = _kernels.train_output_step(
+        np.ascontiguousarray(bits, dtype=np.uint8), T, fast["W2p"], fast["W2T"], fast["b2p"],
+        np.ascontiguousarray(yb, dtype=np.int64), cur, deriv, *nominal, g1, fast["gW2"],
+        fast["gb2"], fast["gb1"], fast["scratch"])
+    grads_w[1] = np.ascontiguousarray(fast["gW2"][:, :C])
+    grads_b[1] = fast["gb2"][:C].copy()
+    grads_b[0] = fast["gb1"]
+    return loss_sum, ok, g1
+
+
 def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, mapping,
                   hidden_bias, train_samples=1, max_iter=30, batch_size=100,
                   learning_rate=3e-3, alpha=1e-4, solver="adam", momentum=0.9,
@@ -362,6 +444,13 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                                      "offset": network.mapping.offset}}}
 
     get_bstate = getattr(backend, "get_state", lambda: None)
+    mul_inplace = getattr(surrogate, "mul_inplace", None)
+    # Reused per-batch buffers: the gathered inputs and the first layer's gradient.
+    xbuf = (np.empty((batch_size, d), X.dtype)
+            if isinstance(X, np.ndarray) and X.flags.c_contiguous else None)
+    gw0 = (np.empty(network.coefs[0].shape, np.float32)
+           if network.coefs[0].dtype == np.float32 and X.dtype == np.float32 else None)
+    fast = _fast_step_buffers(network, X, batch_size, T)
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
         # A mid-epoch checkpoint carries the epoch's order; an epoch-end one does not.
@@ -380,9 +469,19 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                 save_checkpoint(checkpoint, snapshot(epoch, s, order, tot_loss, correct,
                                                      rng_state, bstate))
             idx = order[s:s + batch_size]
-            Xb, yb = X[idx], y[idx]
+            nb = len(idx)
+            Xb = (np.take(X, idx, axis=0, out=xbuf[:nb], mode="clip") if xbuf is not None
+                  else X[idx])
+            yb = y[idx]
             try:
-                probs, cache = network.forward(Xb, backend, T)
+                if fast is not None:
+                    # One hidden layer: first layer and the devices here, the rest in one kernel.
+                    z1 = np.matmul(Xb, network.coefs[0], out=fast["z1"][:nb])
+                    z1 += network.intercepts[0]
+                    cur = network._to_current(z1)
+                    bits = backend.pulse(np.repeat(cur, T, axis=0) if T > 1 else cur, slices[0])
+                else:
+                    probs, cache = network.forward(Xb, backend, T)
             except Exception as exc:
                 where = None
                 if checkpoint is not None:
@@ -394,28 +493,41 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                     f"{type(exc).__name__}: {exc}" +
                     (f"; checkpoint written to {where}" if where else
                      "; no checkpoint path was set"), where) from exc
-            loss, g = _mixture_grad(probs, yb)
-            tot_loss += loss * len(idx)
-            correct += int((probs.mean(axis=1).argmax(axis=1) == yb).sum())
             grads_w = [None] * L
             grads_b = [None] * L
-            bits = cache["bits"]
-            for k in range(L - 1, 0, -1):
-                h = bits[k - 1].astype(np.float32)
-                grads_w[k] = h.T @ g
-                grads_b[k] = g.sum(axis=0)
-                gh = g @ network.coefs[k].T
-                cur = cache["currents"][k - 1]
-                if k - 1 == 0:
-                    # First layer: currents are shared by the T samples of an input.
-                    gh = gh.reshape(len(idx), T, -1).sum(axis=1)
-                g = gh * surrogate(cur, slices[k - 1])
-            grads_w[0] = Xb.T @ g
-            grads_b[0] = g.sum(axis=0)
-            if alpha:
-                for k in range(L):
-                    grads_w[k] += (alpha / len(idx)) * network.coefs[k]
-            optimizer.step(params, grads_w + grads_b)
+            if fast is not None:
+                loss_sum, ok, g = _fast_output_step(fast, network, bits, cur, yb, T, surrogate,
+                                                    slices[0], grads_w, grads_b)
+                tot_loss += loss_sum
+                correct += ok
+            else:
+                loss, g = _mixture_grad(probs, yb)
+                tot_loss += loss * nb
+                correct += int((probs.mean(axis=1).argmax(axis=1) == yb).sum())
+                hidden = cache["hidden"]
+                for k in range(L - 1, 0, -1):
+                    grads_w[k] = hidden[k - 1].T @ g
+                    grads_b[k] = g.sum(axis=0)
+                    gh = g @ network.coefs[k].T
+                    cur = cache["currents"][k - 1]
+                    if k - 1 == 0 and T > 1:
+                        # First layer: currents are shared by the T samples of an input.
+                        gh = gh.reshape(nb, T, -1).sum(axis=1)
+                    if mul_inplace is not None and gh.dtype == np.float32 \
+                            and gh.flags.c_contiguous and cur.dtype == np.float32 \
+                            and cur.flags.c_contiguous:
+                        mul_inplace(gh, cur, slices[k - 1])
+                        g = gh
+                    else:
+                        g = gh * surrogate(cur, slices[k - 1])
+                grads_b[0] = g.sum(axis=0)
+            if gw0 is not None and g.dtype == np.float32:
+                grads_w[0] = np.matmul(Xb.T, g, out=gw0)
+            else:
+                grads_w[0] = Xb.T @ g
+            # The L2 penalty is folded into the optimiser's single pass.
+            l2 = [alpha / nb] * L + [0.0] * L if alpha else None
+            optimizer.step(params, grads_w + grads_b, l2=l2)
             if verbose:
                 bar.set_postfix(loss=f"{tot_loss / min(s + batch_size, n):.4f}")
         info = {"epoch": epoch + 1, "loss": tot_loss / n, "train_accuracy": correct / n,

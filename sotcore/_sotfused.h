@@ -1,0 +1,738 @@
+/* Fused kernels of sotcore._kernels: multi-sample inference of a network with
+ * one hidden layer of devices, the optimisers' update steps, the nominal
+ * surrogate derivative and a row hash.  Uses the generator of _sotrng.h.
+ *
+ * ==========================================================================
+ * Fused inference (one hidden layer, H devices, C classes, T samples)
+ *
+ * The caller computes Z = X W1 (BLAS) and hands the kernel, per block of rows:
+ *
+ * 1. Thresholds, once per (input, device).  The 4096 x grid coordinate
+ *        s = z * A[j] + B[j]             float32, product then sum (no FMA)
+ *        s = min(max(s, 0), 4096 (G-1))  NaN -> 0
+ *        q = trunc(s), g = q >> 12, f = q & 4095
+ *        thr = (t[g] (4096 - f) + t[min(g+1, G-1)] f) >> 12     exact, in 64 bits
+ *    is the device's uint32 table linearly interpolated (fraction quantised to
+ *    1/4096 as in the table sampler), so P(bit) = thr / 2**32 is within
+ *    1/2**32 + d/4096 of the interpolated table (d: the largest table step
+ *    near x; < 1.2e-6 for the default tables).  Rows are processed one tile
+ *    of 16 devices at a time so the tile's tables stay in L1/L2.
+ *
+ * 2. Bits, T per (input, device), from 16 random bits each.  With
+ *    thr = 65536 th + tl (th, tl < 65536) and w16 a uniform 16-bit word,
+ *        bit = w16 < th,  or, if w16 == th (probability 2**-16), lo16 < tl
+ *    with lo16 a further uniform 16-bit word.  Then
+ *        P(bit) = th / 2**16 + 2**-16 tl / 2**16 = thr / 2**32
+ *    exactly, as a 32-bit compare, for half the random bits: one 512-bit
+ *    SplitMix64 vector gives the words of 32 devices, compared in one
+ *    instruction.  The words are counter-based:
+ *        q      = row_key + t * GAMMA               (per input and sample)
+ *        u      = u64(key,  q * (Hp/4) + j/4)       word w16 = bits 16 (j%4) .. of u
+ *        lo16   = low 16 bits of u64(key2, q * Hp + j)   (only when needed)
+ *    with Hp = H rounded up to 32, so the bits of an input depend only on its
+ *    row key, never on the batch, the block or the thread.
+ *
+ * 3. Output layer by "four Russians": for every group of 8 devices the 256
+ *    sums of subsets of their output-weight rows are tabulated once per model
+ *    (R, (Hp/8) * 256 rows of Cp floats, Cp = C rounded up to 16), so a
+ *    sample's logits are Hp/8 table rows added up -- one 16-float vector add
+ *    per 8 devices for C <= 16.  Groups are summed into 4 accumulators
+ *    (group g into g % 4) combined as ((a0 + a1) + (a2 + a3)) + bias.
+ *
+ * 4. Softmax per sample (sot_softmax_acc: exp by a fixed polynomial, sums in
+ *    class order), added in double to the input's accumulator in sample
+ *    order; each output row is finally divided by its sum.  The AVX-512 path
+ *    buffers the logits of 16 samples and runs the softmax across them, one
+ *    sample per lane, with exactly the scalar steps.
+ *
+ * The AVX-512 and the portable path do the same IEEE operations in the same
+ * order (no FMA contraction), so results are bit-identical on every path,
+ * thread count and blocking.
+ *
+ * Cost on the issue's machine (Sapphire Rapids, 784-500-10): thresholds
+ * ~0.5 us per input, ~0.1 us per sample (16 SplitMix64 vectors, 32 compares,
+ * 64 table adds for 500 devices), against ~5 us per input for the first
+ * layer's sgemm on one core.
+ * ========================================================================== */
+#ifndef SOTCORE_SOTFUSED_H
+#define SOTCORE_SOTFUSED_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <math.h>
+#include "_sotrng.h"
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#define SOT_FUSED_PAD 32      /* devices are padded to a multiple of this */
+
+typedef struct {
+    ptrdiff_t H, Hp, ldz;      /* devices, padded count, row stride of Z */
+    const float *A, *B;        /* H: 4096 x grid coordinate = z * A + B */
+    const uint32_t *table;     /* H x G thresholds, row stride G */
+    ptrdiff_t G;
+    const float *R;            /* (Hp/8)*256 x Cp subset sums */
+    const float *bias;         /* Cp output biases, zero-padded */
+    ptrdiff_t C, Cp;           /* classes, padded to a multiple of 16 */
+    uint64_t key, key2;        /* streams of the 16-bit words and of the rare low halves */
+    ptrdiff_t T;
+} sot_fused_model;
+
+/* ---------------------------------------------------------------- helpers */
+#define SOT_EXP_LOG2E 1.44269504088896341f
+#define SOT_EXP_MAGIC 12582912.0f          /* 1.5 * 2**23: rounds to an integer */
+#define SOT_EXP_C1 0.693359375f
+#define SOT_EXP_C2 -2.12194440e-4f
+#define SOT_EXP_P0 1.9875691500e-4f
+#define SOT_EXP_P1 1.3981999507e-3f
+#define SOT_EXP_P2 8.3334519073e-3f
+#define SOT_EXP_P3 4.1665795894e-2f
+#define SOT_EXP_P4 1.6666665459e-1f
+#define SOT_EXP_P5 5.0000001201e-1f
+
+/* exp(x) for float32 (Cephes' polynomial, ~1 ulp), argument clamped to
+ * [-87, 88]; NaN counts as -87.  The vector version does the same steps. */
+static inline float sot_expf(float x)
+{
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
+    float fx = x * SOT_EXP_LOG2E;
+    fx = (fx + SOT_EXP_MAGIC) - SOT_EXP_MAGIC;
+    float r = x - fx * SOT_EXP_C1;
+    r = r - fx * SOT_EXP_C2;
+    float y = SOT_EXP_P0;
+    y = y * r + SOT_EXP_P1;
+    y = y * r + SOT_EXP_P2;
+    y = y * r + SOT_EXP_P3;
+    y = y * r + SOT_EXP_P4;
+    y = y * r + SOT_EXP_P5;
+    const float r2 = r * r;
+    y = y * r2 + r + 1.0f;
+    const uint32_t eb = (uint32_t)((int32_t)fx + 127) << 23;
+    float sc;
+    memcpy(&sc, &eb, sizeof sc);
+    return y * sc;
+}
+
+/* The rare second halves: bit k of the result is lo16 < tl for each set bit
+ * k of `eq` (devices j0 + k whose 16-bit word equalled th). */
+static inline uint32_t sot_fused_low(uint64_t key2, uint64_t q, ptrdiff_t Hp, ptrdiff_t j0,
+                                     uint32_t eq, const uint16_t *tlo)
+{
+    uint32_t m = 0;
+    while (eq) {
+        const int k = __builtin_ctz(eq);
+        eq &= eq - 1;
+        const uint64_t j = (uint64_t)(j0 + k);
+        const uint16_t lo = (uint16_t)sot_u64(key2, q * (uint64_t)Hp + j);
+        m |= (uint32_t)(lo < tlo[j0 + k]) << k;
+    }
+    return m;
+}
+
+/* One sample's softmax of the logits lg[0..C) added to acc[0..C) (double):
+ *   mx = lg[0]; mx = mx > lg[c] ? mx : lg[c]  (c = 1..C-1)
+ *   e_c = exp(lg[c] - mx);  s = ((e_0 + e_1) + e_2) + ...;  acc[c] += e_c * (1 / s)
+ * The vector path computes 16 samples at once with exactly these steps. */
+static inline void sot_softmax_acc(const float *lg, ptrdiff_t C, float *e, double *acc)
+{
+    float mx = lg[0];
+    for (ptrdiff_t c = 1; c < C; ++c) mx = mx > lg[c] ? mx : lg[c];
+    float s = 0.0f;
+    for (ptrdiff_t c = 0; c < C; ++c) {
+        e[c] = sot_expf(lg[c] - mx);
+        s = c == 0 ? e[c] : s + e[c];
+    }
+    const float inv = 1.0f / s;
+    for (ptrdiff_t c = 0; c < C; ++c) acc[c] += (double)(e[c] * inv);
+}
+
+static inline void sot_fused_finish(const double *acc, ptrdiff_t C, double *out)
+{
+    double s = 0.0;
+    for (ptrdiff_t c = 0; c < C; ++c) s += acc[c];
+    for (ptrdiff_t c = 0; c < C; ++c) out[c] = acc[c] / s;
+}
+
+/* Interpolated threshold of table t (G points) at q = trunc(4096 x):
+ * gc = min(q >> 12, G - 2), f = q - 4096 gc in [0, 4096]. */
+static inline uint32_t sot_interp_thr(const uint32_t *t, uint32_t q, ptrdiff_t G)
+{
+    uint32_t g = q >> 12;
+    g = g < (uint32_t)(G - 2) ? g : (uint32_t)(G - 2);
+    const uint32_t f = q - (g << 12);
+    return (uint32_t)(((uint64_t)t[g] * (4096u - f) + (uint64_t)t[g + 1] * f) >> 12);
+}
+
+/* --------------------------------------------------------- portable path */
+/* Phase 1 for rows [0, nrows): thi/tlo (row stride Hp).  Returns 1 if some
+ * z was not finite.  (The portable path: no clones, it is the fallback.) */
+static int sot_fused_thresholds_scalar(const sot_fused_model *md, const float *Z,
+                                       ptrdiff_t nrows, uint16_t *thi, uint16_t *tlo)
+{
+    const ptrdiff_t H = md->H, Hp = md->Hp, G = md->G;
+    const float smax = (float)4096 * (float)(G - 1);
+    int nonfinite = 0;
+    for (ptrdiff_t jt = 0; jt < Hp; jt += 16) {
+        for (ptrdiff_t i = 0; i < nrows; ++i) {
+            const float *z = Z + i * md->ldz;
+            uint16_t *h = thi + i * Hp, *l = tlo + i * Hp;
+            for (ptrdiff_t j = jt; j < jt + 16; ++j) {
+                uint32_t thr = 0;
+                if (j < H) {
+                    uint32_t bits;
+                    memcpy(&bits, z + j, sizeof bits);
+                    nonfinite |= (bits & 0x7F800000u) == 0x7F800000u;
+                    float s = z[j] * md->A[j];
+                    s = s + md->B[j];
+                    s = s > 0.0f ? s : 0.0f;
+                    s = s < smax ? s : smax;
+                    thr = sot_interp_thr(md->table + j * G, (uint32_t)s, G);
+                }
+                h[j] = (uint16_t)(thr >> 16);
+                l[j] = (uint16_t)thr;
+            }
+        }
+    }
+    return nonfinite;
+}
+
+/* Phases 2-4 for rows [0, nrows).  scratch: >= 6 Cp floats; accd: nrows x Cp. */
+static void sot_fused_sample_scalar(const sot_fused_model *md, ptrdiff_t nrows,
+                                    const uint64_t *rowkeys, const uint16_t *thi,
+                                    const uint16_t *tlo, float *scratch, double *accd,
+                                    double *out)
+{
+    const ptrdiff_t Hp = md->Hp, nb = Hp / 32, Cp = md->Cp, C = md->C;
+    const uint64_t n64 = (uint64_t)Hp / 4;
+    float *acc = scratch, *lg = scratch + 4 * Cp, *e = scratch + 5 * Cp;
+    for (ptrdiff_t i = 0; i < nrows; ++i) {
+        const uint16_t *th = thi + i * Hp, *tl = tlo + i * Hp;
+        double *ad = accd + i * Cp;
+        for (ptrdiff_t c = 0; c < C; ++c) ad[c] = 0.0;
+        for (ptrdiff_t t = 0; t < md->T; ++t) {
+            const uint64_t q = rowkeys[i] + (uint64_t)t * SOT_GAMMA;
+            for (ptrdiff_t c = 0; c < 4 * Cp; ++c) acc[c] = 0.0f;
+            for (ptrdiff_t b = 0; b < nb; ++b) {
+                uint64_t u[8];
+                for (int l = 0; l < 8; ++l) u[l] = sot_u64(md->key, q * n64 + (uint64_t)(8 * b + l));
+                uint32_t m = 0, eq = 0;
+                for (int k = 0; k < 32; ++k) {
+                    const uint16_t w = (uint16_t)(u[k >> 2] >> (16 * (k & 3)));
+                    m |= (uint32_t)(w < th[32 * b + k]) << k;
+                    eq |= (uint32_t)(w == th[32 * b + k]) << k;
+                }
+                if (eq) m |= sot_fused_low(md->key2, q, Hp, 32 * b, eq, tl);
+                for (int k = 0; k < 4; ++k) {
+                    const float *r = md->R + ((4 * b + k) * 256 + ((m >> (8 * k)) & 255u)) * Cp;
+                    float *a = acc + k * Cp;
+                    for (ptrdiff_t c = 0; c < Cp; ++c) a[c] = a[c] + r[c];
+                }
+            }
+            for (ptrdiff_t c = 0; c < Cp; ++c)
+                lg[c] = ((acc[c] + acc[Cp + c]) + (acc[2 * Cp + c] + acc[3 * Cp + c])) + md->bias[c];
+            sot_softmax_acc(lg, C, e, ad);
+        }
+        sot_fused_finish(ad, C, out + i * C);
+    }
+}
+
+/* ---------------------------------------------------------------- AVX-512 */
+#if SOT_HAVE_X86_SIMD
+SOT_AVX512 static inline __m512 sot_exp512(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+    __m512 fx = _mm512_mul_ps(x, _mm512_set1_ps(SOT_EXP_LOG2E));
+    fx = _mm512_sub_ps(_mm512_add_ps(fx, _mm512_set1_ps(SOT_EXP_MAGIC)),
+                       _mm512_set1_ps(SOT_EXP_MAGIC));
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(fx, _mm512_set1_ps(SOT_EXP_C1)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(fx, _mm512_set1_ps(SOT_EXP_C2)));
+    __m512 y = _mm512_set1_ps(SOT_EXP_P0);
+    y = _mm512_add_ps(_mm512_mul_ps(y, r), _mm512_set1_ps(SOT_EXP_P1));
+    y = _mm512_add_ps(_mm512_mul_ps(y, r), _mm512_set1_ps(SOT_EXP_P2));
+    y = _mm512_add_ps(_mm512_mul_ps(y, r), _mm512_set1_ps(SOT_EXP_P3));
+    y = _mm512_add_ps(_mm512_mul_ps(y, r), _mm512_set1_ps(SOT_EXP_P4));
+    y = _mm512_add_ps(_mm512_mul_ps(y, r), _mm512_set1_ps(SOT_EXP_P5));
+    const __m512 r2 = _mm512_mul_ps(r, r);
+    y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(y, r2), r), _mm512_set1_ps(1.0f));
+    const __m512i eb = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(eb));
+}
+
+/* 8 devices' thresholds from one 64-bit gather of (t[gc], t[gc+1]) pairs:
+ * returns 8 x uint64 lanes holding thr < 2**32. */
+SOT_AVX512 static inline __m512i sot_interp8_512(const int *tab, __m256i idx, __m256i f,
+                                                __mmask8 mk)
+{
+    const __m512i pair = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), mk, idx, tab, 4);
+    const __m512i f64 = _mm512_cvtepu32_epi64(f);
+    const __m512i nf64 = _mm512_sub_epi64(_mm512_set1_epi64(4096), f64);
+    const __m512i p = _mm512_add_epi64(_mm512_mul_epu32(pair, nf64),
+                                       _mm512_mul_epu32(_mm512_srli_epi64(pair, 32), f64));
+    return _mm512_srli_epi64(p, 12);
+}
+
+SOT_AVX512 static int sot_fused_thresholds_avx512(const sot_fused_model *md, const float *Z,
+                                                  ptrdiff_t nrows, uint16_t *thi, uint16_t *tlo)
+{
+    const ptrdiff_t H = md->H, Hp = md->Hp, G = md->G, ldz = md->ldz;
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 smax = _mm512_set1_ps((float)4096 * (float)(G - 1));
+    const __m512i gmax = _mm512_set1_epi32((int)(G - 2));
+    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+    const __m512i colofs = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32((int)G));
+    __m512i amax = _mm512_setzero_si512();
+    for (ptrdiff_t jt = 0; jt < Hp; jt += 16) {
+        const ptrdiff_t w = H - jt <= 0 ? 0 : (H - jt < 16 ? H - jt : 16);
+        const __mmask16 mk = (__mmask16)((1u << w) - 1u);
+        if (w == 0) {
+            for (ptrdiff_t i = 0; i < nrows; ++i) {
+                memset(thi + i * Hp + jt, 0, 16 * sizeof(uint16_t));
+                memset(tlo + i * Hp + jt, 0, 16 * sizeof(uint16_t));
+            }
+            continue;
+        }
+        /* Lane offsets stay below 16 G <= 2**24: index from the tile's first table. */
+        const int *tab = (const int *)(md->table + jt * G);
+        const __m512 va = _mm512_maskz_loadu_ps(mk, md->A + jt);
+        const __m512 vb = _mm512_maskz_loadu_ps(mk, md->B + jt);
+        const float *z = Z + jt;
+        for (ptrdiff_t i = 0; i < nrows; ++i, z += ldz) {
+            SOT_PREFETCH(z + SOT_PF_ROWS * ldz);
+            __m512 x = _mm512_maskz_loadu_ps(mk, z);
+            amax = _mm512_max_epu32(amax, _mm512_and_si512(_mm512_castps_si512(x), absmask));
+            x = _mm512_add_ps(_mm512_mul_ps(x, va), vb);
+            x = _mm512_min_ps(_mm512_max_ps(x, zero), smax);
+            const __m512i q = _mm512_cvttps_epu32(x);
+            const __m512i g = _mm512_min_epu32(_mm512_srli_epi32(q, 12), gmax);
+            const __m512i f = _mm512_sub_epi32(q, _mm512_slli_epi32(g, 12));
+            const __m512i idx = _mm512_add_epi32(g, colofs);
+            const __m512i tlo8 = sot_interp8_512(tab, _mm512_castsi512_si256(idx),
+                                                 _mm512_castsi512_si256(f), (__mmask8)mk);
+            const __m512i thi8 = sot_interp8_512(tab, _mm512_extracti64x4_epi64(idx, 1),
+                                                 _mm512_extracti64x4_epi64(f, 1),
+                                                 (__mmask8)(mk >> 8));
+            const __m512i thr = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm512_cvtepi64_epi32(tlo8)), _mm512_cvtepi64_epi32(thi8), 1);
+            _mm256_storeu_si256((__m256i *)(thi + i * Hp + jt),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(thr, 16)));
+            _mm256_storeu_si256((__m256i *)(tlo + i * Hp + jt), _mm512_cvtepi32_epi16(thr));
+        }
+    }
+    return _mm512_cmpgt_epu32_mask(amax, _mm512_set1_epi32(0x7F7FFFFF)) != 0;
+}
+
+/* Softmax of the ns (<= 16) logit rows buffered in L (16 x 16 floats, one row
+ * per sample), 16 samples per vector op, added in sample order to the
+ * accumulators of their rows (accd rows of 16 doubles). */
+SOT_AVX512 static inline void sot_softmax16_flush(const float *L, float *PT, int ns,
+                                                  const ptrdiff_t *slot_row, ptrdiff_t C,
+                                                  double *accd)
+{
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(16));
+    __m512 col[16];
+    for (ptrdiff_t c = 0; c < C; ++c) col[c] = _mm512_i32gather_ps(idx, L + c, 4);
+    __m512 mx = col[0];
+    for (ptrdiff_t c = 1; c < C; ++c) mx = _mm512_max_ps(mx, col[c]);
+    __m512 s = _mm512_setzero_ps();
+    for (ptrdiff_t c = 0; c < C; ++c) {
+        col[c] = sot_exp512(_mm512_sub_ps(col[c], mx));
+        s = c == 0 ? col[c] : _mm512_add_ps(s, col[c]);
+    }
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
+    for (ptrdiff_t c = 0; c < C; ++c) _mm512_store_ps(PT + 16 * c, _mm512_mul_ps(col[c], inv));
+    const __mmask16 cm = (__mmask16)((1u << C) - 1u);
+    for (int k = 0; k < ns; ++k) {
+        const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cm, idx, PT + k, 4);
+        double *ad = accd + 16 * slot_row[k];
+        _mm512_storeu_pd(ad, _mm512_add_pd(_mm512_loadu_pd(ad),
+                                           _mm512_cvtps_pd(_mm512_castps512_ps256(p))));
+        _mm512_storeu_pd(ad + 8, _mm512_add_pd(_mm512_loadu_pd(ad + 8),
+                                               _mm512_cvtps_pd(_mm512_extractf32x8_ps(p, 1))));
+    }
+}
+
+SOT_AVX512 static void sot_fused_sample_avx512(const sot_fused_model *md, ptrdiff_t nrows,
+                                               const uint64_t *rowkeys, const uint16_t *thi,
+                                               const uint16_t *tlo, float *scratch, double *accd,
+                                               double *out)
+{
+    const ptrdiff_t Hp = md->Hp, nb = Hp / 32, Cp = md->Cp, C = md->C;
+    const uint64_t n64 = (uint64_t)Hp / 4;
+    const __m512i zstep = _mm512_mullo_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi64((long long)SOT_GAMMA));
+    const __m512i z8 = _mm512_set1_epi64((long long)(8 * SOT_GAMMA));
+    if (Cp == 16) {
+        /* 64-byte aligned buffers in scratch: 16 logit rows and the transposed probabilities. */
+        float *L = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63), *PT = L + 256;
+        ptrdiff_t slot_row[16];
+        int ns = 0;
+        memset(L, 0, 256 * sizeof(float));
+        memset(accd, 0, nrows * 16 * sizeof(double));
+        const __m512 bias = _mm512_loadu_ps(md->bias);
+        for (ptrdiff_t i = 0; i < nrows; ++i) {
+            const uint16_t *th = thi + i * Hp, *tl = tlo + i * Hp;
+            for (ptrdiff_t t = 0; t < md->T; ++t) {
+                const uint64_t q = rowkeys[i] + (uint64_t)t * SOT_GAMMA;
+                __m512i z = _mm512_add_epi64(zstep, _mm512_set1_epi64(
+                    (long long)(md->key + (q * n64 + 1) * SOT_GAMMA)));
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                const float *Rb = md->R;
+                for (ptrdiff_t b = 0; b < nb; ++b, Rb += 4 * 256 * 16) {
+                    const __m512i w = sot_mix64_512(z);
+                    z = _mm512_add_epi64(z, z8);
+                    const __m512i tv = _mm512_loadu_si512(th + 32 * b);
+                    uint32_t m = _mm512_cmplt_epu16_mask(w, tv);
+                    const uint32_t eq = _mm512_cmpeq_epu16_mask(w, tv);
+                    if (__builtin_expect(eq != 0, 0))
+                        m |= sot_fused_low(md->key2, q, Hp, 32 * b, eq, tl);
+                    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(Rb + (m & 255u) * 16));
+                    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(Rb + (256 + ((m >> 8) & 255u)) * 16));
+                    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(Rb + (512 + ((m >> 16) & 255u)) * 16));
+                    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(Rb + (768 + (m >> 24)) * 16));
+                }
+                _mm512_store_ps(L + 16 * ns, _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), bias));
+                slot_row[ns++] = i;
+                if (ns == 16) {
+                    sot_softmax16_flush(L, PT, ns, slot_row, C, accd);
+                    ns = 0;
+                }
+            }
+        }
+        if (ns) sot_softmax16_flush(L, PT, ns, slot_row, C, accd);
+        for (ptrdiff_t i = 0; i < nrows; ++i) sot_fused_finish(accd + 16 * i, C, out + i * C);
+        return;
+    }
+    /* Cp > 16: accumulators in memory, the same operations per lane. */
+    float *acc = scratch, *lg = scratch + 4 * Cp, *e = scratch + 5 * Cp;
+    for (ptrdiff_t i = 0; i < nrows; ++i) {
+        const uint16_t *th = thi + i * Hp, *tl = tlo + i * Hp;
+        double *ad = accd + i * Cp;
+        for (ptrdiff_t c = 0; c < C; ++c) ad[c] = 0.0;
+        for (ptrdiff_t t = 0; t < md->T; ++t) {
+            const uint64_t q = rowkeys[i] + (uint64_t)t * SOT_GAMMA;
+            __m512i z = _mm512_add_epi64(zstep, _mm512_set1_epi64(
+                (long long)(md->key + (q * n64 + 1) * SOT_GAMMA)));
+            memset(acc, 0, 4 * Cp * sizeof(float));
+            for (ptrdiff_t b = 0; b < nb; ++b) {
+                const __m512i w = sot_mix64_512(z);
+                z = _mm512_add_epi64(z, z8);
+                const __m512i tv = _mm512_loadu_si512(th + 32 * b);
+                uint32_t m = _mm512_cmplt_epu16_mask(w, tv);
+                const uint32_t eq = _mm512_cmpeq_epu16_mask(w, tv);
+                if (__builtin_expect(eq != 0, 0))
+                    m |= sot_fused_low(md->key2, q, Hp, 32 * b, eq, tl);
+                for (int k = 0; k < 4; ++k) {
+                    const float *r = md->R + ((4 * b + k) * 256 + ((m >> (8 * k)) & 255u)) * Cp;
+                    float *a = acc + k * Cp;
+                    for (ptrdiff_t c = 0; c < Cp; c += 16)
+                        _mm512_storeu_ps(a + c, _mm512_add_ps(_mm512_loadu_ps(a + c),
+                                                              _mm512_loadu_ps(r + c)));
+                }
+            }
+            for (ptrdiff_t c = 0; c < Cp; c += 16) {
+                const __m512 s01 = _mm512_add_ps(_mm512_loadu_ps(acc + c),
+                                                 _mm512_loadu_ps(acc + Cp + c));
+                const __m512 s23 = _mm512_add_ps(_mm512_loadu_ps(acc + 2 * Cp + c),
+                                                 _mm512_loadu_ps(acc + 3 * Cp + c));
+                _mm512_storeu_ps(lg + c, _mm512_add_ps(_mm512_add_ps(s01, s23),
+                                                       _mm512_loadu_ps(md->bias + c)));
+            }
+            sot_softmax_acc(lg, C, e, ad);
+        }
+        sot_fused_finish(ad, C, out + i * C);
+    }
+}
+#endif  /* SOT_HAVE_X86_SIMD */
+
+/* One block of rows: thresholds into thi/tlo (nrows x Hp each), then the
+ * samples.  scratch: >= 6 Cp + 528 floats; accd: >= nrows x Cp doubles.
+ * Returns 1 if some z was not finite. */
+static int sot_fused_block(const sot_fused_model *md, int isa, const float *Z, ptrdiff_t nrows,
+                           const uint64_t *rowkeys, uint16_t *thi, uint16_t *tlo,
+                           float *scratch, double *accd, double *out)
+{
+    int nonfinite;
+#if SOT_HAVE_X86_SIMD
+    if (isa == SOT_ISA_AVX512) {
+        nonfinite = sot_fused_thresholds_avx512(md, Z, nrows, thi, tlo);
+        sot_fused_sample_avx512(md, nrows, rowkeys, thi, tlo, scratch, accd, out);
+        return nonfinite;
+    }
+#endif
+    (void)isa;
+    nonfinite = sot_fused_thresholds_scalar(md, Z, nrows, thi, tlo);
+    sot_fused_sample_scalar(md, nrows, rowkeys, thi, tlo, scratch, accd, out);
+    return nonfinite;
+}
+
+/* Subset sums: R[(g*256 + s)*Cp + c] = sum of W[8g + k, c] over the set bits
+ * k of s (rows >= H and columns >= C count as 0); each entry is the entry
+ * without its lowest bit plus that bit's row. */
+static void sot_subset_table(const float *W, ptrdiff_t H, ptrdiff_t C, ptrdiff_t Hp,
+                             ptrdiff_t Cp, float *R)
+{
+    for (ptrdiff_t g = 0; g < Hp / 8; ++g) {
+        float *Rg = R + g * 256 * Cp;
+        memset(Rg, 0, Cp * sizeof(float));
+        for (int s = 1; s < 256; ++s) {
+            const int k = __builtin_ctz((unsigned)s);
+            const float *prev = Rg + (s & (s - 1)) * Cp;
+            const ptrdiff_t row = 8 * g + k;
+            float *dst = Rg + s * Cp;
+            for (ptrdiff_t c = 0; c < Cp; ++c)
+                dst[c] = prev[c] + (row < H && c < C ? W[row * C + c] : 0.0f);
+        }
+    }
+}
+
+/* ==========================================================================
+ * Optimiser steps, float32, in place, one pass.  g' = g + l2 p (L2 penalty
+ * folded in); Adam's c1 = 1 - b1 and c2 = 1 - b2 are rounded from double.  Element-wise, so results do not depend on the chunking.
+ * ========================================================================== */
+SOT_CLONES
+static void sot_adam_f32(float *p, const float *g, float *m, float *v, ptrdiff_t n, float lr,
+                         float b1, float c1, float b2, float c2, float eps, float l2)
+{
+    for (ptrdiff_t k = 0; k < n; ++k) {
+        const float gk = g[k] + l2 * p[k];
+        const float mk = b1 * m[k] + c1 * gk;
+        const float vk = b2 * v[k] + c2 * (gk * gk);
+        m[k] = mk;
+        v[k] = vk;
+        p[k] = p[k] - lr * mk / (sqrtf(vk) + eps);
+    }
+}
+
+SOT_CLONES
+static void sot_sgd_f32(float *p, const float *g, float *vel, ptrdiff_t n, float lr, float mu,
+                        int nesterov, float l2)
+{
+    for (ptrdiff_t k = 0; k < n; ++k) {
+        const float gk = g[k] + l2 * p[k];
+        const float vk = mu * vel[k] - lr * gk;
+        vel[k] = vk;
+        p[k] = nesterov ? p[k] + (mu * vk - lr * gk) : p[k] + vk;
+    }
+}
+
+/* g[k] *= k_unit * s (1 - s), s = expit((cur[k] - i50) / scale), computed as
+ * e / (1 + e)**2 with e = exp(-|x|) (stable, symmetric). */
+SOT_CLONES
+static void sot_sigmoid_deriv_mul(float *g, const float *cur, ptrdiff_t n, float i50,
+                                  float scale, float k_unit)
+{
+    for (ptrdiff_t k = 0; k < n; ++k) {
+        const float x = (cur[k] - i50) / scale;
+        const float e = sot_expf(-fabsf(x));
+        const float d = 1.0f + e;
+        g[k] = g[k] * (k_unit * (e / (d * d)));
+    }
+}
+
+/* ==========================================================================
+ * One training step of a network with one hidden layer of H devices, after
+ * the devices answered: output layer, mixture loss and backward pass, in one
+ * pass over the batch (n inputs x T samples; bits row i*T + t).
+ *
+ *   z_r    = b2 + sum_j bit_rj W2[j]           (4 partial sums, j mod 4)
+ *   p_r    = softmax(z_r)                      (sot_expf, sequential sums)
+ *   loss_i = -log(max(mean_t p_(i,t)[y_i], 1e-12))
+ *   g2_r   = (p_r w_t - onehot(y_i) w_t) / n,  w_t = p_(i,t)[y_i] / (T max(pbar, 1e-12))
+ *   gW2    = sum_r bit_r^T g2_r,  gb2 = sum_r g2_r      (rows in order)
+ *   g1_i   = (sum_t g2_(i,t)) W2^T * dP/dz(cur_i),      gb1 = sum_i g1_i
+ *
+ * Bits must be 0 or 1 (they enter as factors, so the loops do not branch).
+ * dP/dz is the nominal curve's k e / (1 + e)**2, e = exp(-|cur - i50| / scale)
+ * (deriv == NULL), or given (deriv, n x H).  All sums in a fixed order:
+ * deterministic; mathematically the NumPy path of sotcore.training.
+ * Returns the summed (not averaged) loss; *correct counts inputs whose
+ * T-averaged argmax (first maximum) is y_i.
+ * scratch: 3 Cp + n T Cp + 2 H + n T H floats.
+ * ========================================================================== */
+/* 16 floats; loads and stores go through memcpy (no alignment assumed). */
+typedef float sot_v16f __attribute__((vector_size(64)));
+
+static inline sot_v16f sot_ld16(const float *p)
+{
+    sot_v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void sot_st16(float *p, sot_v16f v) { memcpy(p, &v, sizeof v); }
+
+SOT_CLONES
+static double sot_train_output_step(
+    const uint8_t *bits, ptrdiff_t n, ptrdiff_t T, ptrdiff_t H, const float *W2p,
+    const float *W2T, const float *b2p, ptrdiff_t C, ptrdiff_t Cp, const int64_t *y,
+    const float *cur, const float *deriv, float i50, float scale, float kunit, float *scratch,
+    float *g1, float *gW2, float *gb2, float *gb1, int64_t *correct)
+{
+    const ptrdiff_t nr = n * T;
+    float *acc = scratch, *mean = scratch + Cp, *ssum = scratch + 2 * Cp;
+    float *P = scratch + 3 * Cp;              /* nr x Cp: probabilities, then g2 */
+    float *gh = P + nr * Cp, *bf = gh + H;    /* H each */
+    float *hb = bf + H;                       /* nr x H: the bits as floats */
+    double loss = 0.0;
+    int64_t ok = 0;
+    const float invn = 1.0f / (float)n;
+    for (ptrdiff_t k = 0; k < nr * H; ++k) hb[k] = (float)bits[k];
+    memset(gb2, 0, Cp * sizeof(float));
+    memset(gb1, 0, H * sizeof(float));
+    for (ptrdiff_t i = 0; i < n; ++i) {
+        const int64_t yi = y[i];
+        float pysum = 0.0f;
+        for (ptrdiff_t c = 0; c < Cp; ++c) mean[c] = 0.0f;
+        for (ptrdiff_t t = 0; t < T; ++t) {
+            const float *b = hb + (i * T + t) * H;
+            float *p = P + (i * T + t) * Cp;
+            for (ptrdiff_t c0 = 0; c0 < Cp; c0 += 16) {
+                const float *w = W2p + c0;
+                sot_v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                ptrdiff_t j = 0;
+                for (; j + 4 <= H; j += 4) {
+                    a0 = a0 + sot_ld16(w + (j + 0) * Cp) * b[j + 0];
+                    a1 = a1 + sot_ld16(w + (j + 1) * Cp) * b[j + 1];
+                    a2 = a2 + sot_ld16(w + (j + 2) * Cp) * b[j + 2];
+                    a3 = a3 + sot_ld16(w + (j + 3) * Cp) * b[j + 3];
+                }
+                for (; j < H; ++j) a0 = a0 + sot_ld16(w + j * Cp) * b[j];
+                sot_st16(acc + c0, ((a0 + a1) + (a2 + a3)) + sot_ld16(b2p + c0));
+            }
+            float mx = acc[0];
+            for (ptrdiff_t c = 1; c < C; ++c) mx = mx > acc[c] ? mx : acc[c];
+            float s = 0.0f;
+            for (ptrdiff_t c = 0; c < C; ++c) {
+                p[c] = sot_expf(acc[c] - mx);
+                s = c == 0 ? p[c] : s + p[c];
+            }
+            for (ptrdiff_t c = 0; c < C; ++c) {
+                p[c] = p[c] / s;
+                mean[c] = mean[c] + p[c];
+            }
+            pysum = pysum + p[yi];
+        }
+        ptrdiff_t best = 0;
+        for (ptrdiff_t c = 1; c < C; ++c) best = mean[c] > mean[best] ? c : best;
+        ok += best == yi;
+        float pbar = pysum / (float)T;
+        pbar = pbar > 1e-12f ? pbar : 1e-12f;
+        loss -= log((double)pbar);
+        for (ptrdiff_t c = 0; c < Cp; ++c) ssum[c] = 0.0f;
+        for (ptrdiff_t t = 0; t < T; ++t) {
+            float *p = P + (i * T + t) * Cp;
+            const float w = p[yi] / ((float)T * pbar);
+            for (ptrdiff_t c = 0; c < C; ++c) {
+                float g = p[c] * w;
+                if (c == yi) g = g - w;
+                p[c] = g * invn;                       /* p now holds g2 */
+            }
+            for (ptrdiff_t c = C; c < Cp; ++c) p[c] = 0.0f;
+            for (ptrdiff_t c = 0; c < Cp; ++c) {
+                gb2[c] = gb2[c] + p[c];
+                ssum[c] = ssum[c] + p[c];
+            }
+        }
+        /* d loss / d z1 of input i: (sum_t g2) W2^T (4 independent column blocks at a
+         * time, each summed over c in order), times the surrogate. */
+        ptrdiff_t j0 = 0;
+        for (; j0 + 64 <= H; j0 += 64) {
+            sot_v16f v0 = {0}, v1 = {0}, v2 = {0}, v3 = {0};
+            for (ptrdiff_t c = 0; c < C; ++c) {
+                const float *wt = W2T + c * H + j0;
+                v0 = v0 + sot_ld16(wt) * ssum[c];
+                v1 = v1 + sot_ld16(wt + 16) * ssum[c];
+                v2 = v2 + sot_ld16(wt + 32) * ssum[c];
+                v3 = v3 + sot_ld16(wt + 48) * ssum[c];
+            }
+            sot_st16(gh + j0, v0);
+            sot_st16(gh + j0 + 16, v1);
+            sot_st16(gh + j0 + 32, v2);
+            sot_st16(gh + j0 + 48, v3);
+        }
+        for (; j0 < H; ++j0) {
+            float v = 0.0f;
+            for (ptrdiff_t c = 0; c < C; ++c) v = v + W2T[c * H + j0] * ssum[c];
+            gh[j0] = v;
+        }
+        const float *ci = cur + i * H;
+        if (deriv) {
+            const float *di = deriv + i * H;
+            for (ptrdiff_t j = 0; j < H; ++j) bf[j] = di[j];
+        } else {
+            const float inv_scale = 1.0f / scale;
+            for (ptrdiff_t j = 0; j < H; ++j) {
+                const float x = (ci[j] - i50) * inv_scale;
+                const float e = sot_expf(-fabsf(x));
+                const float d = 1.0f + e;
+                bf[j] = kunit * (e / (d * d));
+            }
+        }
+        float *gi = g1 + i * H;
+        for (ptrdiff_t j = 0; j < H; ++j) {
+            gi[j] = gh[j] * bf[j];
+            gb1[j] = gb1[j] + gi[j];
+        }
+    }
+    /* gW2[j] = sum over rows r (in order) of g2_r * bit_rj; 8 rows j at a time
+     * (independent sums, so the adds pipeline). */
+    for (ptrdiff_t c0 = 0; c0 < Cp; c0 += 16) {
+        ptrdiff_t j = 0;
+        for (; j + 8 <= H; j += 8) {
+            sot_v16f v[8];
+            for (int k = 0; k < 8; ++k) v[k] = (sot_v16f){0};
+            for (ptrdiff_t r = 0; r < nr; ++r) {
+                const sot_v16f g = sot_ld16(P + r * Cp + c0);
+                const float *hr = hb + r * H + j;
+                for (int k = 0; k < 8; ++k) v[k] = v[k] + g * hr[k];
+            }
+            for (int k = 0; k < 8; ++k) sot_st16(gW2 + (j + k) * Cp + c0, v[k]);
+        }
+        for (; j < H; ++j) {
+            sot_v16f v = {0};
+            for (ptrdiff_t r = 0; r < nr; ++r) v = v + sot_ld16(P + r * Cp + c0) * hb[r * H + j];
+            sot_st16(gW2 + j * Cp + c0, v);
+        }
+    }
+    *correct = ok;
+    return loss;
+}
+
+/* Content hash of float32 rows (as uint32 bit patterns): see
+ * sotcore.estimator._row_keys, which this computes without temporaries. */
+SOT_CLONES
+static void sot_row_hash(const uint32_t *X, ptrdiff_t nrows, ptrdiff_t d, const uint64_t *mult,
+                         uint64_t *out)
+{
+    for (ptrdiff_t i = 0; i < nrows; ++i) {
+        const uint32_t *x = X + i * d;
+        uint64_t h = 0;
+        for (ptrdiff_t j = 0; j < d; ++j) h += (uint64_t)x[j] * mult[j];
+        h ^= h >> 29;
+        h *= 0xBF58476D1CE4E5B9ULL;
+        h ^= h >> 32;
+        out[i] = h;
+    }
+}
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT DEFAULT
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#endif
