@@ -136,7 +136,7 @@ def format_table(records):
         for T in Ts:
             s = cell.get((run, T))
             row += (f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if s else "-").rjust(16)
-        row += f"{np.mean(spe[run]):.2f}".rjust(10)
+        row += f"{np.mean(spe[run]):.3g}".rjust(10)
         lines.append(row)
     n = max(s["n"] for s in summ)
     lines.append(f"test accuracy in %, mean ± std over {n} seed(s)")
