@@ -57,6 +57,7 @@ if _truthy("SOTCORE_NATIVE"):
 ext = Extension(
     "sotcore._kernels",
     sources=["sotcore/_kernels.pyx"],
+    depends=["sotcore/_sotrng.h", "sotcore/_sotfused.h"],
     include_dirs=[np.get_include(), "sotcore"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=extra_compile,
