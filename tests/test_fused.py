@@ -23,28 +23,14 @@ from sotcore.devices import DeviceAging
 from sotcore.network import (FIRST_LAYER_ROWS, CurrentMapping, StochasticMLP, _fusable,
                              softmax)
 from sotcore.training import SGD, Adam, nominal_curve
+from _splitmix import GAMMA, MASK64, mix64 as _mix64, stream_key as _stream_key
 
-MASK64 = (1 << 64) - 1
-GAMMA = 0x9E3779B97F4A7C15
 _PATHS = ("scalar", "avx2", "avx512")
 ISAS = _PATHS[:_PATHS.index(_kernels.sampler_isa_max()) + 1]
 
 
 # ---------------------------------------------------------------------------
 # NumPy references
-def _mix64(z):
-    z = np.asarray(z, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _stream_key(seed, stream):
-    inner = int(_mix64(np.uint64(seed ^ 0x5851F42D4C957F2D)))
-    return int(_mix64(np.uint64((inner + stream * GAMMA) & MASK64)))
-
-
 def _ref_thresholds(Z, A, B, table):
     """The interpolated uint32 threshold of every (row, device), exactly."""
     G = table.shape[1]

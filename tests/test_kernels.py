@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from scipy import stats
 
 from sotcore import DevicePopulation, _kernels
+from _splitmix import GAMMA, MASK64, mix64 as _mix64, stream_key as _stream_key
 
-MASK64 = (1 << 64) - 1
-GAMMA = 0x9E3779B97F4A7C15
 _PATHS = ("scalar", "avx2", "avx512")
 ISAS = _PATHS[:_PATHS.index(_kernels.sampler_isa_max()) + 1]   # the CPU paths we can run
 
@@ -33,20 +32,6 @@ def isa(request):
 
 # ---------------------------------------------------------------------------
 # NumPy references
-def _mix64(z):
-    """SplitMix64's output function on a uint64 array (wrapping arithmetic)."""
-    z = np.asarray(z, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _stream_key(seed, stream):
-    inner = int(_mix64(np.uint64(seed ^ 0x5851F42D4C957F2D)))
-    return int(_mix64(np.uint64((inner + stream * GAMMA) & MASK64)))
-
-
 def _raw_u64(key, ctr0, n):
     with np.errstate(over="ignore"):
         ctr = np.uint64(ctr0) + np.arange(n, dtype=np.uint64)
