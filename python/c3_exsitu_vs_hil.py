@@ -34,7 +34,7 @@ def main(argv=None):
     surrogates = [s for s in args.surrogates.split(",") if s]
     calib = None
     if "calibrated" in surrogates:
-        from sotcore.backends import calibrate_backend
+        from sotcore.characterize import calibrate_backend
         from sotcore.training import nominal_curve
 
         def calib(pop, seed):

@@ -2,13 +2,18 @@
 __version__ = "0.1.0"
 
 from .backends import (BackendError, DeviceBackend, EmulatedBackend, InstrumentBackend,
-                       RecordingBackend, ReplayBackend, calibrate_backend)
+                       RecordingBackend, ReplayBackend)
+from .characterize import calibrate_backend
 from .calibration import CalibrationResult, calibrate, simulate_measurements
 from .devices import DevicePopulation, switching_probability
 from .estimator import SOTClassifier
+from .exceptions import InvalidInputError, SotcoreError, TrainingInterrupted
+from .devices import DeviceAging
+from .backends import CompensatedBackend
 from .network import CurrentMapping
 
 __all__ = ["DevicePopulation", "switching_probability", "SOTClassifier", "CurrentMapping",
            "DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
            "ReplayBackend", "BackendError", "calibrate_backend", "calibrate", "CalibrationResult",
-           "simulate_measurements", "__version__"]
+           "simulate_measurements", "SotcoreError", "InvalidInputError", "TrainingInterrupted",
+           "DeviceAging", "CompensatedBackend", "__version__"]

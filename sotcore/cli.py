@@ -264,7 +264,8 @@ def run_main_job(args):
     import json
     from pathlib import Path
 
-    from .backends import EmulatedBackend, calibrate_backend
+    from .backends import EmulatedBackend
+    from .characterize import calibrate_backend
     from .experiments import compare_modes, format_table, summarize
     from .training import SURROGATES, nominal_curve
     surrogates = _csv_list(args.surrogates, str, "--surrogates")
@@ -334,7 +335,8 @@ def _run_train(args):
     devices = _load_population(args.devices, sum(hidden)) if args.devices else args.width
     calibration = None
     if args.surrogate == "calibrated" and args.training == "hil":
-        from .backends import EmulatedBackend, calibrate_backend
+        from .backends import EmulatedBackend
+        from .characterize import calibrate_backend
         from .devices import DevicePopulation
         from .training import nominal_curve
         pop = devices if isinstance(devices, DevicePopulation) else \

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import _kernels
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
+from .exceptions import TrainingInterrupted
 from .network import CurrentMapping, StochasticMLP, nominal_derivative
 
 __all__ = ["MODES", "SURROGATES", "Adam", "SGD", "TrainResult", "TrainingInterrupted",
@@ -197,19 +198,6 @@ def _mixture_grad(probs, y):
     g = probs * w[:, :, None]
     g[np.arange(n), :, y] -= w
     return float(loss), (g / n).reshape(n * T, C).astype(np.float32)
-
-
-class TrainingInterrupted(RuntimeError):
-    """Training stopped because the backend (or anything in a step) failed.
-
-    ``checkpoint`` is the path of the checkpoint written just before the
-    failed step (None if no checkpoint path was configured); resuming from it
-    continues exactly as if the failure had not happened.
-    """
-
-    def __init__(self, message, checkpoint=None):
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 CHECKPOINT_FORMAT = "sotcore.checkpoint"

@@ -120,7 +120,7 @@ def test_replay_detects_divergence(pop, tmp_path):
 
 
 def test_calibrate_backend_measures_only_through_pulses():
-    from sotcore.backends import calibrate_backend
+    from sotcore.characterize import calibrate_backend
     from sotcore.training import nominal_curve
     pop = sotcore.DevicePopulation.from_width(20.0, 200, variability=0.1, random_state=4)
     be = EmulatedBackend(pop, 1)
