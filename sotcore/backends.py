@@ -10,16 +10,19 @@ per (row, device) and return the switched bits::
 after which the device is reset.  Anything that implements ``n_devices`` and
 ``pulse`` is a backend; subclass :class:`DeviceBackend` to get validation.
 """
+import collections
+import threading
 import time
 
 import numpy as np
 
-from ._utils import as_float_array, seed_from_random_state
+from . import _fused
+from ._utils import as_float_array, effective_n_threads, seed_from_random_state
 from .devices import DevicePopulation
 from .exceptions import BackendError
 
 __all__ = ["DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
-           "ReplayBackend", "CompensatedBackend", "BackendError"]
+           "ReplayBackend", "CompensatedBackend", "BackendError", "device_indices"]
 
 
 def _device_index(devices, n_devices):
@@ -39,6 +42,13 @@ def _device_index(devices, n_devices):
     if idx.min() < 0 or idx.max() >= n_devices:
         raise ValueError(f"devices must lie in [0, {n_devices}), got {idx.min()}..{idx.max()}")
     return idx
+
+
+def device_indices(devices):
+    """The int64 device indices of a normalised selection (slice or int array)."""
+    if isinstance(devices, slice):
+        return np.arange(devices.start, devices.stop, dtype=np.int64)
+    return np.asarray(devices, dtype=np.int64)
 
 
 def check_bits(res, shape, who="backend"):
@@ -66,10 +76,27 @@ def _count(devices):
     return devices.shape[0]
 
 
+def _add_counts(counts, devices, rows):
+    """``counts[d] += rows`` for every named device, repeated names counted each time."""
+    if isinstance(devices, slice):
+        counts[devices] += rows
+    else:
+        np.add.at(counts, devices, rows)
+
+
 class DeviceBackend:
-    """Base class: validates requests and counts pulses; subclasses implement ``_pulse``."""
+    """Base class: validates requests and counts pulses; subclasses implement ``_pulse``.
+
+    The protocol every backend follows (``typing``-style, duck-typed):
+    ``n_devices``; ``pulse(currents, devices)``; optionally ``device_curves()``,
+    ``get_state()``/``set_state()``.  ``accepts_repeated_devices`` says whether
+    one request may name a device twice (the emulator samples each column
+    independently; an instrument gets each device at most once per request,
+    see :class:`~sotcore.network.DeviceMap`).
+    """
 
     n_devices = 0
+    accepts_repeated_devices = False
     _check_finite = True     # the emulator's kernel checks finiteness itself
 
     def __init__(self):
@@ -85,7 +112,7 @@ class DeviceBackend:
             raise ValueError(f"currents must have {k} columns (one per requested device), "
                              f"got shape {arr.shape}")
         bits = check_bits(self._pulse(arr, devices), arr.shape, type(self).__name__)
-        self.pulse_counts[devices] += arr.shape[0]
+        _add_counts(self.pulse_counts, devices, arr.shape[0])
         return bits
 
     def _pulse(self, currents, devices):  # pragma: no cover - abstract
@@ -117,9 +144,16 @@ class EmulatedBackend(DeviceBackend):
     stick and misread as they receive pulses; the emulated population is
     refreshed whenever some device has had ``update_pulses`` more pulses.
     ``population`` then always describes the devices *now*.
+
+    The emulator offers its own fast path, :meth:`fused_forward` (a whole
+    one-hidden-layer inference pass in one compiled kernel), where it
+    reproduces :meth:`pulse` in law (:meth:`fused_available`).
     """
 
     _check_finite = False
+    accepts_repeated_devices = True
+    #: Sub-populations kept for repeated device selections (least recently used evicted).
+    SUBPOP_CACHE = 16
 
     def __init__(self, population, random_state=None, n_threads=None, aging=None,
                  update_pulses=1000):
@@ -131,14 +165,14 @@ class EmulatedBackend(DeviceBackend):
         self.n_threads = n_threads
         self.seed = seed_from_random_state(random_state)
         self.calls = 0
-        self._subpops = {}
+        self._subpops = collections.OrderedDict()
         self.aging = aging
         self.update_pulses = int(update_pulses)
         super().__init__()
         if aging is not None:
             self.initial_population = population
             self._aging_draws = aging.draw(self.n_devices, np.random.default_rng(
-                [self.seed & 0xFFFFFFFF, self.seed >> 32, 0xA9E]))
+                [self.seed & 0xFFFFFFFF, self.seed >> 32, _fused.AGING_SALT]))
             self._aged_at = None
             self._refresh()
 
@@ -149,7 +183,7 @@ class EmulatedBackend(DeviceBackend):
         self.population = self.aging.population_at(self.initial_population, counts,
                                                     self._aging_draws)
         self._aged_at = counts.copy()
-        self._subpops = {}
+        self._subpops.clear()
 
     def _subpop(self, devices):
         if isinstance(devices, slice) and devices == slice(0, self.n_devices):
@@ -159,6 +193,10 @@ class EmulatedBackend(DeviceBackend):
         if sub is None:
             sub = self.population[devices]
             self._subpops[key] = sub
+            while len(self._subpops) > self.SUBPOP_CACHE:
+                self._subpops.popitem(last=False)
+        else:
+            self._subpops.move_to_end(key)
         return sub
 
     def _pulse(self, currents, devices):
@@ -193,10 +231,51 @@ class EmulatedBackend(DeviceBackend):
         if self.aging is not None:
             self._refresh()
         bits = self._subpop(devices)._sample_seeded(
-            arr, self.seed, self.n_threads, stream=(1 << 62) + int(stream), row_keys=keys,
-            name="currents")
-        self.pulse_counts[devices] += arr.shape[0]
+            arr, self.seed, self.n_threads, stream=_fused.KEYED_BASE + int(stream),
+            row_keys=keys, name="currents")
+        _add_counts(self.pulse_counts, devices, arr.shape[0])
         return bits
+
+    def fused_available(self):
+        """True where :meth:`fused_forward` reproduces this backend's pulses in law:
+        no aging, and a subclass has not changed how the devices are pulsed."""
+        cls = type(self)
+        return (self.aging is None and cls._pulse is EmulatedBackend._pulse
+                and cls.pulse is EmulatedBackend.pulse
+                and cls.pulse_keyed is EmulatedBackend.pulse_keyed)
+
+    def fused_forward(self, X, coefs, intercepts, mapping, devices, n_samples, row_keys=None,
+                      n_threads=None):
+        """Class probabilities of a one-hidden-layer network on these devices.
+
+        ``devices``: the physical device of each hidden neuron (slice or int
+        array, repeats allowed).  ``row_keys`` (uint64 per row, or a callable
+        on a block of rows) keys each input's noise; without keys the call
+        draws from a fresh stream, as :meth:`pulse` does.  Counts ``n *
+        n_samples`` pulses on each neuron's device.
+        """
+        if not self.fused_available():
+            raise BackendError("fused_forward is not available on this backend "
+                               "(aging, or a subclass that changes how devices are pulsed)")
+        devices = _device_index(devices, self.n_devices)
+        W1, W2 = coefs
+        if _count(devices) != W2.shape[0]:
+            raise ValueError(f"{_count(devices)} devices named for {W2.shape[0]} hidden neurons")
+        n = X.shape[0]
+        if row_keys is not None:
+            keys, stream = row_keys, _fused.FUSED_STREAM
+        else:
+            keys, stream = np.arange(n, dtype=np.uint64), self.calls
+            self.calls += 1
+        out, bad = _fused.fused_predict(
+            X, W1, intercepts[0], W2, intercepts[1], mapping.unit, mapping.offset,
+            self._subpop(devices).table(), self.seed, stream, keys, int(n_samples),
+            effective_n_threads(n_threads if n_threads is not None else self.n_threads))
+        if bad:
+            raise ValueError("currents must be finite; the first layer produced NaN or "
+                             "infinity (check the inputs and the weights)")
+        _add_counts(self.pulse_counts, devices, n * int(n_samples))
+        return out
 
     def device_curves(self):
         return self.population
@@ -218,7 +297,58 @@ class EmulatedBackend(DeviceBackend):
             self.population = self.aging.population_at(self.initial_population, aged_at,
                                                         self._aging_draws)
             self._aged_at = aged_at
-            self._subpops = {}
+            self._subpops.clear()
+
+
+class _CallRunner:
+    """Runs the instrument function with a time limit on a daemon worker thread.
+
+    A call that overruns raises :class:`BackendError`; its thread is abandoned
+    (Python cannot stop it) and the next call gets a fresh worker, so a hung
+    instrument never blocks training or interpreter exit.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._worker = None
+
+    def _start(self):
+        jobs = collections.deque()
+        ready = threading.Condition()
+        state = {"jobs": jobs, "ready": ready}
+
+        def loop():
+            while True:
+                with ready:
+                    while not jobs:
+                        ready.wait()
+                    fn, args, box, done = jobs.popleft()
+                try:
+                    box["result"] = fn(*args)
+                except BaseException as exc:   # handed to the caller
+                    box["error"] = exc
+                done.set()
+
+        t = threading.Thread(target=loop, name="sotcore-instrument", daemon=True)
+        t.start()
+        state["thread"] = t
+        return state
+
+    def run(self, fn, args, timeout):
+        with self._lock:
+            if self._worker is None:
+                self._worker = self._start()
+            w = self._worker
+            box, done = {}, threading.Event()
+            with w["ready"]:
+                w["jobs"].append((fn, args, box, done))
+                w["ready"].notify()
+            if not done.wait(timeout):
+                self._worker = None     # abandon the hung thread
+                raise TimeoutError(f"no answer within {timeout} s")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
 
 class InstrumentBackend(DeviceBackend):
@@ -228,50 +358,87 @@ class InstrumentBackend(DeviceBackend):
     ----------
     fn : callable
         ``fn(currents, device_indices) -> bits``: ``currents`` float64 (n, k)
-        amperes, ``device_indices`` int64 (k,); must return n x k values in
-        {0, 1} (bool or integer dtype, or floats equal to 0/1).
+        amperes, ``device_indices`` int64 (k,), distinct; must return n x k
+        values in {0, 1} (bool or integer dtype, or floats equal to 0/1).  Row
+        ``i`` is one pulse on each named device (then read and reset); rows
+        are applied in order.
     n_devices : int
         Number of devices the instrument drives.
     pulse_duration : float, default 10e-9
-        Seconds per pulse, including reset and read (ASSUMPTION: 10 ns pulses
-        as in SOT switching experiments; set it to your instrument's figure).
+        Seconds per pulse (ASSUMPTION: 10 ns pulses as in SOT switching
+        experiments; set it to your instrument's figure).
+    read_time, reset_time : float, default 0
+        Seconds to read a device's state and to reset it after each pulse.
+    call_latency : float, default 0
+        Fixed seconds per call of ``fn`` (communication, arming the generator).
     parallel : bool, default True
         Whether one row's pulses hit all its devices at once (crossbar-style).
-        The implied hardware time is ``rows * pulse_duration`` if True, else
-        ``pulses * pulse_duration``.
     max_batch : int, default 4096
         Largest number of rows sent to ``fn`` in one call.
+    timeout : float or None, default None
+        Seconds one call of ``fn`` may take; a call that overruns raises
+        :class:`BackendError` (training then checkpoints, as for any fault).
+        The overrunning call's thread cannot be stopped and is abandoned.
     curves : DevicePopulation, optional
         A calibration of the devices (used by the ``calibrated`` surrogate).
+
+    Notes
+    -----
+    The hardware-time model: each call costs ``call_latency``, and each row
+    (``parallel=True``) or each pulse (``parallel=False``) costs
+    ``pulse_duration + read_time + reset_time``.  ``hardware_time`` applies
+    it to the pulses sent so far, :meth:`request_time` to a planned request;
+    ``throughput`` is the measured pulses per second of wall time in ``fn``.
     """
 
-    def __init__(self, fn, n_devices, *, pulse_duration=10e-9, parallel=True, max_batch=4096,
-                 curves=None):
+    def __init__(self, fn, n_devices, *, pulse_duration=10e-9, read_time=0.0, reset_time=0.0,
+                 call_latency=0.0, parallel=True, max_batch=4096, timeout=None, curves=None):
         if not callable(fn):
             raise TypeError("fn must be callable: fn(currents, device_indices) -> bits")
         if isinstance(n_devices, bool) or not isinstance(n_devices, (int, np.integer)) \
                 or n_devices < 1:
             raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
-        if not (isinstance(max_batch, (int, np.integer)) and max_batch >= 1):
+        if isinstance(max_batch, bool) or not (isinstance(max_batch, (int, np.integer))
+                                               and max_batch >= 1):
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if not (np.isfinite(pulse_duration) and pulse_duration > 0):
-            raise ValueError(f"pulse_duration must be > 0 seconds, got {pulse_duration!r}")
+        for name, v, pos in (("pulse_duration", pulse_duration, True),
+                             ("read_time", read_time, False), ("reset_time", reset_time, False),
+                             ("call_latency", call_latency, False)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
+                    or not np.isfinite(v) or v < 0 or (pos and v == 0):
+                raise ValueError(f"{name} must be a finite number of seconds "
+                                 f"{'> 0' if pos else '>= 0'}, got {v!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float, np.floating, np.integer)) or not timeout > 0
+                or not np.isfinite(timeout)):
+            raise ValueError(f"timeout must be a positive number of seconds or None, "
+                             f"got {timeout!r}")
         if curves is not None and (not isinstance(curves, DevicePopulation)
                                    or len(curves) != n_devices):
             raise ValueError("curves must be a DevicePopulation with one entry per device")
         self.fn = fn
         self.n_devices = int(n_devices)
         self.pulse_duration = float(pulse_duration)
+        self.read_time = float(read_time)
+        self.reset_time = float(reset_time)
+        self.call_latency = float(call_latency)
         self.parallel = bool(parallel)
         self.max_batch = int(max_batch)
+        self.timeout = None if timeout is None else float(timeout)
         self.curves = curves
         self.rows = 0
+        self.calls = 0
         self.wall_time = 0.0
+        self._runner = _CallRunner() if timeout is not None else None
         super().__init__()
 
+    def _call(self, chunk, idx):
+        if self._runner is None:
+            return self.fn(chunk, idx)
+        return self._runner.run(self.fn, (chunk, idx), self.timeout)
+
     def _pulse(self, currents, devices):
-        idx = (np.arange(devices.start, devices.stop) if isinstance(devices, slice)
-               else devices).astype(np.int64)
+        idx = device_indices(devices)
         n, k = currents.shape
         out = np.empty((n, k), dtype=np.uint8)
         cur64 = np.asarray(currents, dtype=np.float64)
@@ -279,27 +446,46 @@ class InstrumentBackend(DeviceBackend):
             chunk = cur64[s:s + self.max_batch]
             t0 = time.perf_counter()
             try:
-                res = self.fn(chunk.copy(), idx.copy())
+                res = self._call(chunk.copy(), idx.copy())
             except Exception as exc:
-                raise BackendError(f"instrument call failed on rows {s}..{s + len(chunk) - 1}: "
-                                   f"{type(exc).__name__}: {exc}") from exc
-            self.wall_time += time.perf_counter() - t0
+                raise BackendError(f"instrument call failed on rows {s}..{s + len(chunk) - 1} "
+                                   f"of a request for {k} device(s): {type(exc).__name__}: "
+                                   f"{exc}") from exc
+            finally:
+                self.wall_time += time.perf_counter() - t0
+            self.calls += 1
             out[s:s + len(chunk)] = check_bits(res, chunk.shape, "instrument")
         self.rows += n
         return out
 
     def get_state(self):
-        return {**super().get_state(), "rows": self.rows, "wall_time": self.wall_time}
+        return {**super().get_state(), "rows": self.rows, "calls": self.calls,
+                "wall_time": self.wall_time}
 
     def set_state(self, state):
         super().set_state(state)
         self.rows, self.wall_time = int(state["rows"]), float(state["wall_time"])
+        self.calls = int(state.get("calls", 0))
+
+    def _time(self, calls, rows, pulses):
+        per = self.pulse_duration + self.read_time + self.reset_time
+        return calls * self.call_latency + (rows if self.parallel else pulses) * per
 
     @property
     def hardware_time(self):
-        """Seconds of pulsing implied by the pulses so far (see ``parallel``)."""
-        n = self.rows if self.parallel else int(self.pulse_counts.sum())
-        return n * self.pulse_duration
+        """Seconds of instrument time implied by the requests so far (see Notes)."""
+        return self._time(self.calls, self.rows, int(self.pulse_counts.sum()))
+
+    def request_time(self, n_rows, n_devices):
+        """Seconds of instrument time one request of ``n_rows`` x ``n_devices`` takes."""
+        calls = -(-int(n_rows) // self.max_batch)
+        return self._time(calls, int(n_rows), int(n_rows) * int(n_devices))
+
+    @property
+    def throughput(self):
+        """Measured pulses per second of wall time spent in ``fn`` (NaN before any call)."""
+        total = int(self.pulse_counts.sum())
+        return total / self.wall_time if self.wall_time > 0 else float("nan")
 
     def device_curves(self):
         return self.curves
@@ -310,22 +496,28 @@ class RecordingBackend(DeviceBackend):
 
     ``replay()`` gives a backend that answers the same requests with the same
     bits, bit-exactly; ``records()`` flattens the log into per-pulse records
-    ``(device, current, switched)`` for re-calibration.
+    ``(device, current, switched)`` for re-calibration.  ``max_records``
+    bounds the log (in pulses; the oldest requests are dropped first).
     """
 
     def __init__(self, inner, max_records=None):
         self.inner = inner
         self.n_devices = inner.n_devices
+        self.accepts_repeated_devices = getattr(inner, "accepts_repeated_devices", False)
         self.max_records = max_records
-        self.log = []
+        self.log = collections.deque()
+        self._logged = 0          # pulses in the log
+        self._appended = 0        # requests ever logged (log holds the last len(log))
         super().__init__()
 
     def _pulse(self, currents, devices):
         bits = self.inner.pulse(currents, devices)
         self.log.append((np.array(currents, copy=True), devices, bits.copy()))
+        self._appended += 1
+        self._logged += currents.size
         if self.max_records is not None:
-            while sum(c.size for c, _, _ in self.log) > self.max_records and len(self.log) > 1:
-                self.log.pop(0)
+            while self._logged > self.max_records and len(self.log) > 1:
+                self._logged -= self.log.popleft()[0].size
         return bits
 
     def device_curves(self):
@@ -333,11 +525,15 @@ class RecordingBackend(DeviceBackend):
 
     def get_state(self):
         inner = self.inner.get_state() if hasattr(self.inner, "get_state") else None
-        return {**super().get_state(), "log_length": len(self.log), "inner": inner}
+        return {**super().get_state(), "appended": self._appended, "inner": inner}
 
     def set_state(self, state):
         super().set_state(state)
-        del self.log[int(state["log_length"]):]
+        # Drop the requests logged after the state was taken (they are repeated on resume).
+        extra = self._appended - int(state.get("appended", state.get("log_length", 0)))
+        for _ in range(max(0, min(extra, len(self.log)))):
+            self._logged -= self.log.pop()[0].size
+        self._appended -= max(0, extra)
         if state.get("inner") is not None and hasattr(self.inner, "set_state"):
             self.inner.set_state(state["inner"])
 
@@ -346,11 +542,10 @@ class RecordingBackend(DeviceBackend):
 
         Returns a dict of 1-D arrays ``device``, ``current``, ``switched``.
         """
-        log = self.log if last is None else self.log[-last:]
+        log = list(self.log) if last is None else list(self.log)[-last:]
         dev, cur, sw = [], [], []
         for c, d, b in log:
-            idx = np.arange(d.start, d.stop) if isinstance(d, slice) else d
-            dev.append(np.broadcast_to(idx, c.shape).ravel())
+            dev.append(np.broadcast_to(device_indices(d), c.shape).ravel())
             cur.append(np.asarray(c, dtype=np.float64).ravel())
             sw.append(b.ravel())
         if not dev:
@@ -361,14 +556,13 @@ class RecordingBackend(DeviceBackend):
 
     def replay(self):
         """A backend answering the recorded requests with the recorded bits."""
-        return ReplayBackend(self.log, self.n_devices, curves=self.inner.device_curves())
+        return ReplayBackend(list(self.log), self.n_devices, curves=self.inner.device_curves())
 
     def save(self, path):
         """Save the log to a ``.npz`` file (no pickle)."""
         arrays = {}
         for i, (c, d, b) in enumerate(self.log):
-            idx = np.arange(d.start, d.stop) if isinstance(d, slice) else d
-            arrays[f"c{i}"], arrays[f"d{i}"], arrays[f"b{i}"] = c, idx, b
+            arrays[f"c{i}"], arrays[f"d{i}"], arrays[f"b{i}"] = c, device_indices(d), b
         np.savez_compressed(path, n_devices=self.n_devices, n_calls=len(self.log), **arrays)
 
 
@@ -400,8 +594,8 @@ class ReplayBackend(DeviceBackend):
         if self._pos >= len(self._log):
             raise BackendError(f"replay exhausted after {len(self._log)} recorded requests")
         c, d, b = self._log[self._pos]
-        idx = np.arange(devices.start, devices.stop) if isinstance(devices, slice) else devices
-        didx = np.arange(d.start, d.stop) if isinstance(d, slice) else d
+        idx = device_indices(devices)
+        didx = device_indices(d)
         if not np.array_equal(idx, didx) or c.shape != currents.shape or \
                 not np.array_equal(np.asarray(c), np.asarray(currents, dtype=c.dtype)):
             raise BackendError(f"replay diverged at request {self._pos}: the currents or "
@@ -433,6 +627,7 @@ class CompensatedBackend(DeviceBackend):
             raise ValueError("reference must be a DevicePopulation with one entry per device")
         self.inner = inner
         self.n_devices = inner.n_devices
+        self.accepts_repeated_devices = getattr(inner, "accepts_repeated_devices", False)
         self.reference = reference
         self.i50_now = reference.i50.copy()
         self.scale_now = reference.scale.copy()
@@ -455,7 +650,7 @@ class CompensatedBackend(DeviceBackend):
         return ok
 
     def _pulse(self, currents, devices):
-        idx = np.arange(devices.start, devices.stop) if isinstance(devices, slice) else devices
+        idx = device_indices(devices)
         ref = self.reference
         gain = (self.scale_now[idx] / ref.scale[idx]).astype(currents.dtype)
         applied = (self.i50_now[idx].astype(currents.dtype)

@@ -8,17 +8,18 @@ later layers receive bits, so their product is a sum of weight rows
 (the compiled ``binary_matvec`` kernel at inference).  The output layer is a
 softmax; inference averages the class probabilities over ``T`` samples.
 """
-import contextlib
-from concurrent.futures import ThreadPoolExecutor
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit
+from tqdm.auto import tqdm
 
 from . import _kernels
+from ._fused import FIRST_LAYER_ROWS, blas_threads, first_layer, keyed_samples
 from ._utils import effective_n_threads
 
-__all__ = ["CurrentMapping", "StochasticMLP", "softmax"]
+__all__ = ["CurrentMapping", "DeviceMap", "StochasticMLP", "softmax"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,142 @@ class CurrentMapping:
         return (np.asarray(current) - self.offset) / self.unit
 
 
+class DeviceMap:
+    """Which physical device each hidden neuron is.
+
+    Hidden neurons are numbered across the layers (layer 1's first, then
+    layer 2's, ...); ``index[k]`` is neuron ``k``'s device.  A network may
+    have more neurons than there are devices (a lab has 8 devices, not 500):
+    neurons that share a device share its switching curve, and their bits
+    are independent draws because the device is reset between pulses.
+
+    Requests to a backend name each physical device at most once (unless the
+    backend says ``accepts_repeated_devices``, as the emulator does): the
+    neurons of a layer are grouped by their rank among the neurons sharing a
+    device, and each group is one request, so the pulses of one device are
+    sent one after the other, in neuron order, row by row.
+
+    Parameters
+    ----------
+    index : array-like of int, shape (n_neurons,)
+        Physical device of each neuron, in ``[0, n_devices)``.
+    n_devices : int
+        Devices of the backend.
+    """
+
+    def __init__(self, index, n_devices):
+        if isinstance(n_devices, bool) or not isinstance(n_devices, numbers.Integral) \
+                or n_devices < 1:
+            raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
+        try:
+            arr = np.asarray(index)
+        except Exception as exc:
+            raise ValueError(f"device_map could not be read as an array: {exc}") from None
+        if arr.dtype == object or arr.dtype.kind not in "iuf" or arr.ndim != 1 or arr.size == 0:
+            raise ValueError("device_map must be a non-empty 1-D array of device indices "
+                             f"(integers), got {arr.dtype} with shape {arr.shape}")
+        if arr.dtype.kind == "f":
+            if not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+                raise ValueError("device_map entries must be whole numbers")
+        if arr.min() < 0 or arr.max() >= n_devices:
+            bad = int(np.flatnonzero((arr < 0) | (arr >= n_devices))[0])
+            raise ValueError(f"device_map[{bad}] = {arr[bad]} is not a device of the backend "
+                             f"(valid: 0..{n_devices - 1})")
+        self.index = arr.astype(np.int64)
+        self.index.setflags(write=False)
+        self.n_devices = int(n_devices)
+        self._plans = {}
+
+    @classmethod
+    def resolve(cls, spec, n_neurons, n_devices):
+        """A map from ``spec``: ``None`` or ``"round-robin"`` (neuron ``k`` ->
+        device ``k mod n_devices``; the identity when there are enough devices),
+        a DeviceMap, or an integer array of length ``n_neurons``."""
+        if spec is None or (isinstance(spec, str) and spec == "round-robin"):
+            return cls(np.arange(n_neurons) % n_devices, n_devices)
+        if isinstance(spec, str):
+            raise ValueError(f"device_map must be 'round-robin', None or an array of device "
+                             f"indices, got {spec!r}")
+        dm = spec if isinstance(spec, DeviceMap) else cls(spec, n_devices)
+        if dm.n_neurons != n_neurons:
+            raise ValueError(f"device_map has {dm.n_neurons} entries but the hidden layers have "
+                             f"{n_neurons} neurons (one entry per neuron)")
+        if dm.n_devices != n_devices:
+            dm = cls(dm.index, n_devices)
+        return dm
+
+    @property
+    def n_neurons(self):
+        return self.index.shape[0]
+
+    @property
+    def shared(self):
+        """True if some device serves more than one neuron."""
+        return np.unique(self.index).size < self.index.size
+
+    def pulses_per_device(self, rows_per_neuron):
+        """Pulses each device receives when every neuron is pulsed ``rows_per_neuron``
+        times (int64, one per device)."""
+        return np.bincount(self.index, minlength=self.n_devices).astype(np.int64) \
+            * int(rows_per_neuron)
+
+    def tolist(self):
+        return self.index.tolist()
+
+    def plan(self, sl):
+        """The request plan of the neurons ``sl`` (a layer's slice)."""
+        key = (sl.start, sl.stop)
+        if key not in self._plans:
+            self._plans[key] = _LayerPlan(self.index[sl])
+        return self._plans[key]
+
+    def __repr__(self):
+        return f"DeviceMap(n_neurons={self.n_neurons}, n_devices={self.n_devices})"
+
+
+class _LayerPlan:
+    """How one layer's neurons become backend requests (see :class:`DeviceMap`)."""
+
+    def __init__(self, idx):
+        H = idx.shape[0]
+        a = int(idx[0])
+        if np.array_equal(idx, np.arange(a, a + H)):
+            self.devices = slice(a, a + H)
+        else:
+            self.devices = idx
+        self.distinct = np.unique(idx).size == H
+        # Rank of each neuron among the earlier neurons on the same device.
+        order = np.argsort(idx, kind="stable")
+        srt = idx[order]
+        first = np.r_[0, np.flatnonzero(np.diff(srt)) + 1]
+        starts = np.repeat(first, np.diff(np.r_[first, H]))
+        slot = np.empty(H, np.int64)
+        slot[order] = np.arange(H) - starts
+        groups = []
+        for r in range(int(slot.max()) + 1):
+            cols = np.flatnonzero(slot == r)
+            if groups and np.array_equal(idx[groups[-1][-1]], idx[cols]):
+                groups[-1].append(cols)
+            else:
+                groups.append([cols])
+        # Each group: (q, m) neuron columns, all q ranks on the same m devices.
+        self.groups = [(np.stack(g), idx[g[0]]) for g in groups]
+
+    def pulse(self, backend, cur):
+        """Bits (n, H) for currents (n, H) of this layer's neurons."""
+        if self.distinct or getattr(backend, "accepts_repeated_devices", False):
+            return backend.pulse(cur, self.devices)
+        n = cur.shape[0]
+        out = np.empty(cur.shape, np.uint8)
+        for cols, devs in self.groups:
+            q, m = cols.shape
+            # Row i * q + r: input i's neuron of rank r on each device.
+            req = np.ascontiguousarray(cur[:, cols].reshape(n * q, m))
+            bits = backend.pulse(req, devs)
+            out[:, cols] = np.asarray(bits).reshape(n, q, m)
+        return out
+
+
 def softmax(z):
     z = z - z.max(axis=1, keepdims=True)
     np.exp(z, out=z)
@@ -64,18 +201,26 @@ class StochasticMLP:
     Parameters
     ----------
     layer_sizes : sequence of int
-        ``(n_features, H1, ..., HL, n_classes)``; hidden layer ``l`` uses the
-        backend's devices ``offset_l .. offset_l + H_l`` in order.
+        ``(n_features, H1, ..., HL, n_classes)``.
     mapping : CurrentMapping
+    device_map : DeviceMap or None
+        The physical device of each hidden neuron; default one device per
+        neuron, in order (layer ``l`` on devices ``offset_l .. offset_l + H_l``).
     """
 
-    def __init__(self, layer_sizes, mapping):
+    def __init__(self, layer_sizes, mapping, device_map=None):
         sizes = [int(s) for s in layer_sizes]
         if len(sizes) < 3 or min(sizes) < 1:
             raise ValueError(f"layer_sizes needs inputs, >= 1 hidden layer and outputs, "
                              f"all >= 1; got {layer_sizes}")
         self.layer_sizes = sizes
         self.mapping = mapping
+        n = sum(sizes[1:-1])
+        if device_map is not None and not isinstance(device_map, DeviceMap):
+            raise TypeError(f"device_map must be a DeviceMap or None, got "
+                            f"{type(device_map).__name__}")
+        self.device_map = DeviceMap.resolve(device_map, n, n if device_map is None
+                                            else device_map.n_devices)
         self.coefs = [np.zeros((a, b), np.float32) for a, b in zip(sizes[:-1], sizes[1:])]
         self.intercepts = [np.zeros(b, np.float32) for b in sizes[1:]]
 
@@ -85,14 +230,20 @@ class StochasticMLP:
 
     @property
     def n_devices(self):
-        return sum(self.hidden_sizes)
+        """Physical devices the network's map addresses."""
+        return self.device_map.n_devices
 
     def device_slices(self):
+        """The neurons of each hidden layer (slices of the neuron numbering)."""
         out, start = [], 0
         for h in self.hidden_sizes:
             out.append(slice(start, start + h))
             start += h
         return out
+
+    def pulse_layer(self, backend, currents, k):
+        """Pulse hidden layer ``k``'s neurons on their devices; bits (n, H_k)."""
+        return self.device_map.plan(self.device_slices()[k]).pulse(backend, currents)
 
     def initialize(self, rng, hidden_bias):
         """Glorot-uniform weights; hidden biases at ``hidden_bias`` (units), output 0."""
@@ -113,12 +264,11 @@ class StochasticMLP:
         """
         T = n_samples
         n = X.shape[0]
-        slices = self.device_slices()
         z = X @ self.coefs[0]
         z += self.intercepts[0]
         cur = self._to_current(z)
         currents, bits_list, hidden = [cur], [], []
-        bits = backend.pulse(np.repeat(cur, T, axis=0) if T > 1 else cur, slices[0])
+        bits = self.pulse_layer(backend, np.repeat(cur, T, axis=0) if T > 1 else cur, 0)
         bits_list.append(bits)
         for k in range(1, len(self.coefs)):
             h = bits.astype(np.float32)
@@ -129,7 +279,7 @@ class StochasticMLP:
                 break
             cur = self._to_current(z)
             currents.append(cur)
-            bits = backend.pulse(cur, slices[k])
+            bits = self.pulse_layer(backend, cur, k)
             bits_list.append(bits)
         probs = softmax(z).reshape(n, T, -1)
         return probs, {"currents": currents, "bits": bits_list, "hidden": hidden}
@@ -143,157 +293,72 @@ class StochasticMLP:
         return z
 
     def predict_proba(self, X, backend, n_samples=32, batch_size=None, n_threads=None,
-                      row_keys=None):
+                      row_keys=None, progress=False):
         """Class probabilities averaged over ``n_samples`` stochastic passes.
 
         Two paths, the same model:
 
-        * **fused** -- one hidden layer on an :class:`~sotcore.EmulatedBackend`
-          (without aging): the first layer by BLAS (float32 sgemm), then one
-          compiled kernel per block of inputs looks each device's threshold
-          up once per input and draws all ``n_samples`` samples, output layer
-          and softmax (``_kernels.fused_predict``, see ``_sotfused.h``).
+        * **fused** -- one hidden layer on a backend that offers
+          ``fused_forward`` and says it is available (the emulator without
+          aging): first layer by BLAS, then one compiled kernel per block of
+          inputs draws all ``n_samples`` samples, output layer and softmax.
         * **general** -- deeper networks and other backends: the backend's
-          pulses per layer and the compiled binary mat-vec on the bits.
+          pulses per layer (through the device map) and the compiled binary
+          mat-vec on the bits; ``progress`` shows a bar with an ETA.
 
         The first layer is always computed in BLAS calls of exactly
         ``FIRST_LAYER_ROWS`` rows (zero-padded) with BLAS limited to one
         thread, so a row's currents -- and with ``row_keys`` its
         predictions -- never depend on the batch, its order or the thread
-        counts.  With ``row_keys`` (one uint64 per row of X) and an emulated
-        backend, each input's noise depends only on its key.  Memory is
-        bounded by the blocks (``batch_size`` rows at a time on the general
-        path), whatever ``len(X)``.
+        counts.  With ``row_keys`` (one uint64 per row of X, or a callable
+        on a block of rows) and an emulated backend, each input's noise
+        depends only on its key.  Memory is bounded by the blocks.
         """
         T = int(n_samples)
         if T < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         nt = effective_n_threads(n_threads)
         fused = len(self.coefs) == 2 and _fusable(backend)
-        if row_keys is not None:
-            key_fn = row_keys if callable(row_keys) else None
-            if key_fn is None or not fused:
-                row_keys = np.ascontiguousarray(row_keys(X) if key_fn else row_keys,
-                                                dtype=np.uint64)
-                if row_keys.shape != (X.shape[0],):
-                    raise ValueError("row_keys must have one entry per row of X")
+        if row_keys is not None and not fused:
+            row_keys = np.ascontiguousarray(row_keys(X) if callable(row_keys) else row_keys,
+                                            dtype=np.uint64)
+            if row_keys.shape != (X.shape[0],):
+                raise ValueError("row_keys must have one entry per row of X")
         if fused:
-            return self._predict_fused(X, backend, T, nt, row_keys)
-        return self._predict_general(X, backend, T, batch_size, nt, row_keys)
+            plan = self.device_map.plan(self.device_slices()[0])
+            return backend.fused_forward(X, self.coefs, self.intercepts, self.mapping,
+                                         plan.devices, T, row_keys=row_keys, n_threads=nt)
+        return self._predict_general(X, backend, T, batch_size, nt, row_keys, progress)
 
-    def _first_layer(self, X, s, e, W1, xbuf, zbuf):
-        """``X[s:e] @ W1`` (no bias) into ``zbuf[:e - s]`` by one BLAS call of
-        ``FIRST_LAYER_ROWS`` rows; ``xbuf`` pads a partial or non-C-ordered block."""
-        k = e - s
-        if k == FIRST_LAYER_ROWS and X.dtype == np.float32 and X.flags.c_contiguous:
-            xb = X[s:e]
-        else:
-            xbuf[:k] = X[s:e]
-            xbuf[k:] = 0.0
-            xb = xbuf
-        with np.errstate(invalid="ignore", over="ignore"):   # non-finite results are reported
-            np.matmul(xb, W1, out=zbuf)
-        return zbuf[:k]
-
-    def _predict_fused(self, X, backend, T, nt, row_keys):
-        n, d = X.shape
-        W1, W2, b2 = self.coefs[0], self.coefs[1], self.intercepts[1]
-        H, C = W2.shape
-        sl = self.device_slices()[0]
-        pop = backend._subpop(sl)
-        thr = pop.table()[2]
-        a, b = pop._table_cache[np.float64]
-        unit, offset = self.mapping.unit, self.mapping.offset
-        # 4096 x grid coordinate of the device's table at current offset + unit (z + b1).
-        A = (4096.0 * a * unit).astype(np.float32)
-        B = (4096.0 * (a * (offset + unit * self.intercepts[0].astype(np.float64)) + b)
-             ).astype(np.float32)
-        Hp, Cp = _kernels.fused_padded_sizes(H, C)
-        R = _aligned_empty(((Hp // 8) * 256, Cp), np.float32)
-        _kernels.subset_sum_table(np.ascontiguousarray(W2, dtype=np.float32), R)
-        bias = np.zeros(Cp, np.float32)
-        bias[:C] = b2
-        if row_keys is not None:
-            keys, stream = row_keys, FUSED_STREAM
-        else:
-            # Unkeyed: a fresh stream per call, as for pulse().
-            keys, stream = np.arange(n, dtype=np.uint64), backend.calls
-            backend.calls += 1
-        out = np.empty((n, C), dtype=np.float64)
-        CH = FIRST_LAYER_ROWS
-        nch = -(-n // CH)
-        nw = max(1, min(nt, nch))
-        seed = np.uint64(backend.seed)
-        W1 = np.ascontiguousarray(W1, dtype=np.float32)
-
-        def worker(w):
-            # Worker w takes a contiguous range of blocks and owns its buffers; it
-            # runs BLAS and the kernel on one thread, so no two thread pools ever
-            # spin against each other.
-            c0, c1 = nch * w // nw, nch * (w + 1) // nw
-            r0, r1 = c0 * CH, min(c1 * CH, n)
-            if callable(keys):
-                kw = np.ascontiguousarray(keys(X[r0:r1]), dtype=np.uint64)
-                if kw.shape != (r1 - r0,):
-                    raise ValueError("row_keys must give one key per row")
-            else:
-                kw = keys[r0:r1]
-            xbuf = np.empty((CH, d), np.float32)
-            zbuf = np.empty((CH, H), np.float32)
-            bad = False
-            for c in range(c0, c1):
-                s, e = c * CH, min((c + 1) * CH, n)
-                Z = self._first_layer(X, s, e, W1, xbuf, zbuf)
-                bad |= _kernels.fused_predict(Z, A, B, thr, R, bias, seed, stream,
-                                              kw[s - r0:e - r0], T, out[s:e], 1)
-            return bad
-
-        with _blas_threads(1):
-            if nw == 1:
-                bad = worker(0)
-            else:
-                # Worker 0 is this thread; the others are helpers (no pool to keep).
-                with ThreadPoolExecutor(nw - 1) as ex:
-                    futures = [ex.submit(worker, w) for w in range(1, nw)]
-                    bad = worker(0)
-                    bad = any([f.result() for f in futures]) or bad
-        if bad:
-            raise ValueError("currents must be finite; the first layer produced NaN or "
-                             "infinity (check the inputs and the weights)")
-        backend.pulse_counts[sl] += n * T
-        return out
-
-    def _predict_general(self, X, backend, T, batch_size, nt, row_keys):
+    def _predict_general(self, X, backend, T, batch_size, nt, row_keys, progress=False):
         n, d = X.shape
         if batch_size is None:
             batch_size = max(1, 2 ** 19 // (T * max(self.hidden_sizes)))
-        slices = self.device_slices()
         out = np.empty((n, self.layer_sizes[-1]), dtype=np.float64)
         keyed = row_keys is not None and hasattr(backend, "pulse_keyed")
+        plans = [self.device_map.plan(sl) for sl in self.device_slices()]
         CH = FIRST_LAYER_ROWS
         xbuf = np.empty((CH, d), np.float32)
         zbuf = np.empty((CH, self.layer_sizes[1]), np.float32)
         W1 = np.ascontiguousarray(self.coefs[0], dtype=np.float32)
-        with _blas_threads(1):
+        bar = tqdm(total=n, desc="predict", unit="row", disable=not progress, leave=False)
+        with blas_threads(1):
             for s in range(0, n, batch_size):
                 e = min(s + batch_size, n)
                 z = np.empty((e - s, self.layer_sizes[1]), np.float32)
                 for c in range(s, e, CH):
-                    z[c - s:min(c + CH, e) - s] = self._first_layer(X, c, min(c + CH, e), W1,
-                                                                     xbuf, zbuf)
+                    z[c - s:min(c + CH, e) - s] = first_layer(X, c, min(c + CH, e), W1,
+                                                              xbuf, zbuf)
                 z += self.intercepts[0]
                 cur = np.repeat(self.mapping.to_current(z).astype(np.float32, copy=False), T,
                                 axis=0)
                 if keyed:
-                    # Sample t of input i draws from key_i + t * golden (distinct per sample).
-                    with np.errstate(over="ignore"):
-                        keys = (np.repeat(row_keys[s:e], T)
-                                + np.tile(np.arange(T, dtype=np.uint64), e - s)
-                                * np.uint64(0x9E3779B97F4A7C15))
+                    keys = keyed_samples(row_keys[s:e], T)
 
                 def pulse(c, k):
-                    return backend.pulse_keyed(c, slices[k], keys, k) if keyed \
-                        else backend.pulse(c, slices[k])
+                    if keyed:
+                        return backend.pulse_keyed(c, plans[k].devices, keys, k)
+                    return plans[k].pulse(backend, c)
                 bits = pulse(cur, 0)
                 for k in range(1, len(self.coefs)):
                     zk = np.empty((bits.shape[0], self.coefs[k].shape[1]), np.float32)
@@ -303,51 +368,15 @@ class StochasticMLP:
                         break
                     bits = pulse(self.mapping.to_current(zk).astype(np.float32, copy=False), k)
                 out[s:e] = softmax(zk.astype(np.float64)).reshape(e - s, T, -1).mean(axis=1)
+                bar.update(e - s)
+        bar.close()
         return out
 
 
-#: Rows of every first-layer BLAS call at inference (the last block zero-padded):
-#: a fixed call shape gives each row the same arithmetic in any batch.
-FIRST_LAYER_ROWS = 256
-
-#: Stream of the fused path's keyed draws (the unfused keyed path uses 2**62 + layer).
-FUSED_STREAM = (1 << 62) + (1 << 61)
-
-
 def _fusable(backend):
-    """True for an emulator whose pulses the fused kernel reproduces in law: an
-    ``EmulatedBackend`` (not a subclass changing how it pulses) without aging."""
-    from .backends import EmulatedBackend
-    return (isinstance(backend, EmulatedBackend)
-            and type(backend)._pulse is EmulatedBackend._pulse
-            and type(backend).pulse_keyed is EmulatedBackend.pulse_keyed
-            and getattr(backend, "aging", None) is None)
-
-
-def _aligned_empty(shape, dtype, align=64):
-    """An uninitialised array whose data start on an ``align``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes].view(dtype).reshape(shape)
-
-
-_BLAS_CONTROLLER = None
-
-
-def _blas_threads(n):
-    """Context manager limiting the BLAS libraries to ``n`` threads (threadpoolctl)."""
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _BLAS_CONTROLLER = ThreadpoolController()
-        except Exception:  # pragma: no cover - threadpoolctl comes with scikit-learn
-            _BLAS_CONTROLLER = False
-    if not _BLAS_CONTROLLER:
-        return contextlib.nullcontext()
-    return _BLAS_CONTROLLER.limit(limits=n, user_api="blas")
+    """True for a backend whose own fused fast path applies (it says so itself)."""
+    avail = getattr(backend, "fused_available", None)
+    return callable(avail) and hasattr(backend, "fused_forward") and bool(avail())
 
 
 def nominal_derivative(current, i50, scale, unit):

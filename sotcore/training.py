@@ -467,7 +467,7 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                     z1 = np.matmul(Xb, network.coefs[0], out=fast["z1"][:nb])
                     z1 += network.intercepts[0]
                     cur = network._to_current(z1)
-                    bits = backend.pulse(np.repeat(cur, T, axis=0) if T > 1 else cur, slices[0])
+                    bits = network.pulse_layer(backend, np.repeat(cur, T, axis=0) if T > 1 else cur, 0)
                 else:
                     probs, cache = network.forward(Xb, backend, T)
             except Exception as exc:

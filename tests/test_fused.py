@@ -20,7 +20,8 @@ import sotcore
 from sotcore import _kernels
 from sotcore.backends import EmulatedBackend
 from sotcore.devices import DeviceAging
-from sotcore.network import (FIRST_LAYER_ROWS, CurrentMapping, StochasticMLP, _fusable,
+from sotcore._fused import FIRST_LAYER_ROWS
+from sotcore.network import (CurrentMapping, StochasticMLP, _fusable,
                              softmax)
 from sotcore.training import SGD, Adam, nominal_curve
 from _splitmix import GAMMA, MASK64, mix64 as _mix64, stream_key as _stream_key

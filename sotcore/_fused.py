@@ -1,0 +1,149 @@
+"""The emulator's fused inference pass and what it shares with the general path (private).
+
+Lower layer: imports only the compiled kernels.  ``EmulatedBackend.fused_forward``
+(the backend owns its fast path) and ``StochasticMLP`` use it.
+
+Random stream ids live here, in one place, so that no two uses collide:
+
+=====================  ==============================================================
+stream                 used by
+=====================  ==============================================================
+0, 1, 2, ...           ``EmulatedBackend.pulse``: one stream per call (the call count)
+``KEYED_BASE + l``     keyed inference pulses of hidden layer ``l`` (general path)
+``FUSED_STREAM``       keyed draws of the fused inference kernel
+=====================  ==============================================================
+"""
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import _kernels
+
+#: Rows of every first-layer BLAS call at inference (the last block zero-padded):
+#: a fixed call shape gives each row the same arithmetic in any batch.
+FIRST_LAYER_ROWS = 256
+
+#: Keyed inference pulses of layer ``l`` use stream ``KEYED_BASE + l``.
+KEYED_BASE = 1 << 62
+#: Stream of the fused path's keyed draws.
+FUSED_STREAM = (1 << 62) + (1 << 61)
+#: Salts mixed into a model seed for derived generators (aging draws, evaluation devices).
+AGING_SALT = 0xA9E
+EVAL_SALT = 0x5EED
+#: Per-sample key step of keyed inference (sample t of input i uses key_i + t * GOLDEN).
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def aligned_empty(shape, dtype, align=64):
+    """An uninitialised array whose data start on an ``align``-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+_BLAS_CONTROLLER = None
+
+
+def blas_threads(n):
+    """Context manager limiting the BLAS libraries to ``n`` threads (threadpoolctl)."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS_CONTROLLER = ThreadpoolController()
+        except Exception:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            _BLAS_CONTROLLER = False
+    if not _BLAS_CONTROLLER:
+        return contextlib.nullcontext()
+    return _BLAS_CONTROLLER.limit(limits=n, user_api="blas")
+
+
+def first_layer(X, s, e, W1, xbuf, zbuf):
+    """``X[s:e] @ W1`` (no bias) into ``zbuf[:e - s]`` by one BLAS call of
+    ``FIRST_LAYER_ROWS`` rows; ``xbuf`` pads a partial or non-C-ordered block."""
+    k = e - s
+    if k == FIRST_LAYER_ROWS and X.dtype == np.float32 and X.flags.c_contiguous:
+        xb = X[s:e]
+    else:
+        xbuf[:k] = X[s:e]
+        xbuf[k:] = 0.0
+        xb = xbuf
+    with np.errstate(invalid="ignore", over="ignore"):   # non-finite results are reported
+        np.matmul(xb, W1, out=zbuf)
+    return zbuf[:k]
+
+
+def keyed_samples(row_keys, T):
+    """Keys of the T samples of each row: ``key_i + t * GOLDEN`` (row-major)."""
+    with np.errstate(over="ignore"):
+        return (np.repeat(row_keys, T)
+                + np.tile(np.arange(T, dtype=np.uint64), len(row_keys)) * GOLDEN)
+
+
+def fused_predict(X, W1, b1, W2, b2, unit, offset, table, seed, stream, keys, T, n_threads):
+    """Class probabilities of a one-hidden-layer network, averaged over T samples.
+
+    ``table`` = ``(grid_lo, grid_hi, thresholds)`` of the hidden neurons' devices
+    (one row per neuron, see ``DevicePopulation.table``).  ``keys``: uint64 per
+    row of X, or a callable giving the keys of a block of rows.  Per block of
+    ``FIRST_LAYER_ROWS`` inputs the first layer runs in BLAS, then one compiled
+    kernel thresholds each (input, neuron) once, draws all T samples and
+    accumulates the output layer from subset sums (``_sotfused.h``).
+    Returns ``(probabilities (n, C) float64, nonfinite)``.
+    """
+    n, d = X.shape
+    H, C = W2.shape
+    lo, hi, thr = table
+    G = thr.shape[1]
+    a = (G - 1) / (hi - lo)
+    b = -lo * a
+    # 4096 x grid coordinate of the neuron's table at current offset + unit (z + b1).
+    A = (4096.0 * a * unit).astype(np.float32)
+    B = (4096.0 * (a * (offset + unit * np.asarray(b1, np.float64)) + b)).astype(np.float32)
+    Hp, Cp = _kernels.fused_padded_sizes(H, C)
+    R = aligned_empty(((Hp // 8) * 256, Cp), np.float32)
+    _kernels.subset_sum_table(np.ascontiguousarray(W2, dtype=np.float32), R)
+    bias = np.zeros(Cp, np.float32)
+    bias[:C] = b2
+    out = np.empty((n, C), dtype=np.float64)
+    CH = FIRST_LAYER_ROWS
+    nch = -(-n // CH)
+    nw = max(1, min(n_threads, nch))
+    seed = np.uint64(seed)
+    W1 = np.ascontiguousarray(W1, dtype=np.float32)
+
+    def worker(w):
+        # Worker w takes a contiguous range of blocks and owns its buffers; it
+        # runs BLAS and the kernel on one thread, so no two thread pools ever
+        # spin against each other.
+        c0, c1 = nch * w // nw, nch * (w + 1) // nw
+        r0, r1 = c0 * CH, min(c1 * CH, n)
+        if callable(keys):
+            kw = np.ascontiguousarray(keys(X[r0:r1]), dtype=np.uint64)
+            if kw.shape != (r1 - r0,):
+                raise ValueError("row_keys must give one key per row")
+        else:
+            kw = keys[r0:r1]
+        xbuf = np.empty((CH, d), np.float32)
+        zbuf = np.empty((CH, H), np.float32)
+        bad = False
+        for c in range(c0, c1):
+            s, e = c * CH, min((c + 1) * CH, n)
+            Z = first_layer(X, s, e, W1, xbuf, zbuf)
+            bad |= _kernels.fused_predict(Z, A, B, thr, R, bias, seed, stream,
+                                          kw[s - r0:e - r0], T, out[s:e], 1)
+        return bad
+
+    with blas_threads(1):
+        if nw == 1:
+            bad = worker(0)
+        else:
+            # Worker 0 is this thread; the others are helpers (no pool to keep).
+            with ThreadPoolExecutor(nw - 1) as ex:
+                futures = [ex.submit(worker, w) for w in range(1, nw)]
+                bad = worker(0)
+                bad = any([f.result() for f in futures]) or bad
+    return out, bool(bad)
