@@ -19,7 +19,7 @@ import numpy as np
 from . import _fused
 from ._utils import as_float_array, effective_n_threads, seed_from_random_state
 from .devices import DevicePopulation
-from .exceptions import BackendError
+from .exceptions import BackendError, SotcoreError
 
 __all__ = ["DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
            "ReplayBackend", "CompensatedBackend", "BackendError", "device_indices"]
@@ -111,7 +111,14 @@ class DeviceBackend:
         if arr.shape[1] != k:
             raise ValueError(f"currents must have {k} columns (one per requested device), "
                              f"got shape {arr.shape}")
-        bits = check_bits(self._pulse(arr, devices), arr.shape, type(self).__name__)
+        try:
+            res = self._pulse(arr, devices)
+        except (SotcoreError, ValueError, TypeError):
+            raise
+        except Exception as exc:
+            raise BackendError(f"{type(self).__name__} failed on a request of {arr.shape[0]} "
+                               f"row(s) x {k} device(s): {type(exc).__name__}: {exc}") from exc
+        bits = check_bits(res, arr.shape, type(self).__name__)
         _add_counts(self.pulse_counts, devices, arr.shape[0])
         return bits
 

@@ -4,10 +4,11 @@ import io
 import json
 import numbers
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -15,13 +16,15 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _kernels
+from ._fused import EVAL_SALT
 from ._utils import seed_from_random_state
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
-from .network import CurrentMapping
-from .training import MODES, SURROGATES, make_surrogate, nominal_curve, train_network
+from .network import CurrentMapping, DeviceMap
+from .training import (MODES, SURROGATES, make_surrogate, nominal_curve, suggest_mapping,
+                       train_network)
 
-__all__ = ["SOTClassifier"]
+__all__ = ["SOTClassifier", "CostEstimate"]
 
 MODEL_FORMAT = "sotcore.model"
 MODEL_VERSION = 1
@@ -30,9 +33,22 @@ MODEL_VERSION = 1
 #: default model's nominal device at this width (an ASSUMPTION, see devices.py).
 DEFAULT_WIDTH_UM = 20.0
 
+#: ``fit`` warns when a device's I50 lies more than this many network units from
+#: the nominal I50 where the hidden biases start (see ``_warn_far_devices``).
+FAR_UNITS = 10.0
+
 
 def _is_backend(obj):
     return hasattr(obj, "pulse") and hasattr(obj, "n_devices")
+
+
+def _jsonable(v):
+    """Parameters as JSON values: NumPy scalars and arrays, tuples -> Python types."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (np.ndarray, tuple, list)):
+        return [_jsonable(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+    return v
 
 
 class _RowKeys:
@@ -63,26 +79,64 @@ def _row_keys(X, seed):
     return _RowKeys(seed, np.shape(X)[1])(X)
 
 
+class CostEstimate(dict):
+    """What a ``fit`` (and a ``score`` on ``n_score`` rows) will cost, before any pulse.
+
+    Keys: ``fit_pulses`` / ``score_pulses`` (int64 per physical device),
+    ``fit_requests`` / ``score_requests`` (backend calls), ``fit_hardware_time`` /
+    ``score_hardware_time`` (seconds by the backend's time model, or None if
+    the backend has none), ``hil_epochs``, ``n_devices``.
+    """
+
+    def __str__(self):
+        def t(v):
+            return "n/a" if v is None else f"{v:.3g} s"
+        fp, sp = self["fit_pulses"], self["score_pulses"]
+        return (f"fit: {int(fp.sum()):,} pulses on {self['n_devices']} devices "
+                f"(max {int(fp.max()):,} per device), {self['fit_requests']:,} requests, "
+                f"hardware time {t(self['fit_hardware_time'])}\n"
+                f"score on {self['n_score']:,} rows: {int(sp.sum()):,} pulses "
+                f"(max {int(sp.max()):,} per device), hardware time "
+                f"{t(self['score_hardware_time'])}")
+
+
 class SOTClassifier(ClassifierMixin, BaseEstimator):
     """Multilayer classifier of stochastic SOT-device neurons.
 
     Parameters
     ----------
     hidden_layer_sizes : tuple of int, default (500,)
-        Hidden neurons per layer; each is one device.
+        Hidden neurons per layer; each is pulsed on one physical device (see
+        ``device_map``).
     devices : DevicePopulation, float, device backend or None, default None
-        The hidden neurons' devices.  A population (its first
-        ``sum(hidden_layer_sizes)`` devices are used); a width in micrometres
-        (a population is drawn from the default model with ``variability``);
-        a device backend (e.g. :class:`~sotcore.InstrumentBackend`) used for
-        the forward passes of ``hil`` training and for prediction; or None for
-        ideal copies of the nominal 20 um device.
+        The physical devices.  A population; a width in micrometres (a
+        population of ``sum(hidden_layer_sizes)`` devices is drawn from the
+        default model with ``variability``); a device backend (e.g.
+        :class:`~sotcore.InstrumentBackend`) used for every pulse that goes to
+        the devices (HIL training, and prediction in every mode but
+        ``software``); or None for ideal copies of the nominal 20 um device.
+        A backend is a shared resource: ``sklearn.base.clone`` keeps the same
+        object (a socket or VISA session cannot be copied).
     training : {"hil", "software", "ex-situ", "hardware-aware"}, default "hil"
-        See :mod:`sotcore.training`.
+        ``software``: trained and evaluated on ideal nominal neurons (the
+        devices are never pulsed).  ``ex-situ``: trained exactly as software,
+        then predicts through the devices.  ``hardware-aware``: trained
+        offline on known curves (``calibration=``, else the devices' own
+        curves), predicts through the devices.  ``hil``: forward passes
+        through the devices, backward with ``surrogate``.
     surrogate : {"nominal", "calibrated", "straight-through"}, default "nominal"
         Backward surrogate for ``hil``.  ``calibrated`` needs ``calibration``.
     calibration : DevicePopulation or None
-        Measured device curves for the ``calibrated`` surrogate.
+        Measured curves, one per physical device (e.g.
+        :func:`sotcore.calibrate_backend`): used by the calibrated surrogate,
+        hardware-aware training and ``pretrain``, and -- when
+        ``nominal_device`` is not given -- for the nominal device.
+    device_map : "round-robin", array of int, or None, default None
+        Physical device of each hidden neuron (neurons numbered across the
+        layers).  None / "round-robin": neuron ``k`` -> device ``k mod
+        n_devices`` (one device per neuron, in order, when there are enough).
+        Neurons that share a device share its curve; their bits are
+        independent (the device is reset between pulses).
     n_samples : int, default 32
         Stochastic samples T averaged at prediction.
     train_samples : int, default 1
@@ -93,26 +147,40 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
     momentum, early_stopping, validation_fraction, n_iter_no_change, tol,
     random_state, verbose
         As in scikit-learn's MLPClassifier (``max_iter`` counts epochs).
-    mapping_unit : float or None
-        Amperes per network unit; default the nominal device's sigmoid scale.
+        Without early stopping, training stops when the training loss has
+        not improved by ``tol`` for ``n_iter_no_change`` epochs.
+    mapping_unit : float, "auto" or None
+        Amperes per network unit (currents ``I = mapping_offset + unit * z``).
+        None: the nominal device's sigmoid scale.  "auto":
+        :func:`sotcore.suggest_mapping` on the known curves.
+    mapping_offset : float, default 0.0
+        Amperes at ``z = 0`` (any sign: p-bit devices switch around 0 A).
     nominal_device : tuple (i50, scale) in amperes, or None
-        The nominal device the software model, the hidden-bias start and the
-        nominal surrogate use.  Default: derived from the devices (see
-        :func:`sotcore.training.nominal_curve`); required for a backend that
-        does not describe its devices.
+        The nominal device (software neurons, the hidden-bias start, the
+        nominal surrogate); ``i50`` any real number, ``scale > 0``.  Default:
+        from ``calibration``, else from the devices' curves
+        (:func:`sotcore.training.nominal_curve`).
+    pretrain : {"hardware-aware"} or None
+        With ``training="hil"``: first ``max_iter`` epochs of hardware-aware
+        training on ``calibration`` (no device pulses), then ``hil_epochs``
+        epochs on the devices -- a fraction of full HIL's pulses.
+    hil_epochs : int or None
+        HIL epochs after ``pretrain`` (default ``max_iter``).
+    progress : bool or None
+        Progress bars with ETA for fit, predict and score; None: on for a
+        backend that is not the emulator (a slow instrument), off otherwise.
     n_threads : int or None
         Threads of the compiled kernels (results do not depend on it).
     checkpoint : path or None
         Write training checkpoints here (atomically, every epoch, every
         ``checkpoint_every`` batches, and before raising
-        :class:`~sotcore.training.TrainingInterrupted` when a step fails).
-        ``fit(X, y, resume_from=checkpoint)`` continues such a run exactly.
+        :class:`~sotcore.TrainingInterrupted` when a step fails or on
+        Ctrl-C).  ``fit(X, y, resume_from=checkpoint)`` continues exactly.
     checkpoint_every : int or None
         Also checkpoint every this many batches.
     callbacks : list of callables or None
-        ``cb(epoch, info, network) -> bool`` after every epoch (``info``: loss,
-        accuracies, seconds); returning True stops training.  E.g. periodic
-        device recalibration, logging, custom stopping rules.
+        ``cb(epoch, info, network) -> bool`` after every epoch; returning
+        True stops training.
 
     Attributes
     ----------
@@ -120,11 +188,16 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
     classes_ : ndarray
     n_iter_ : int
     loss_curve_ : list of float
+    best_loss_ : float
     validation_scores_ : list of float (with early_stopping)
     devices_ : DevicePopulation or None
-        The population the hidden neurons were evaluated on (None for a
-        backend that does not describe its devices).
+        The physical devices' curves where known (None for a backend that
+        does not describe its devices).
+    device_map_ : DeviceMap
     mapping_ : CurrentMapping
+    nominal_device_ : tuple (i50, scale)
+    pulses_ : ndarray of int64
+        Pulses sent to each physical device by the last fit.
     """
 
     _parameter_constraints = {
@@ -134,6 +207,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         "training": [StrOptions(set(MODES))],
         "surrogate": [StrOptions(set(SURROGATES))],
         "calibration": [DevicePopulation, None],
+        "device_map": [StrOptions({"round-robin"}), "array-like", None],
         "n_samples": [Interval(numbers.Integral, 1, None, closed="left")],
         "train_samples": [Interval(numbers.Integral, 1, None, closed="left")],
         "variability": [Interval(numbers.Real, 0, 5, closed="both")],
@@ -147,29 +221,36 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
-        "mapping_unit": [Interval(numbers.Real, 0, None, closed="neither"), None],
+        "mapping_unit": [Interval(numbers.Real, 0, None, closed="neither"),
+                         StrOptions({"auto"}), None],
+        "mapping_offset": [Interval(numbers.Real, None, None, closed="neither")],
         "nominal_device": ["array-like", None],
+        "pretrain": [StrOptions({"hardware-aware"}), None],
+        "hil_epochs": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "progress": ["boolean", None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
-        "n_threads": [Interval(numbers.Integral, 1, None, closed="left"),
-                      Interval(numbers.Integral, None, -1, closed="right"), None],
+        "n_threads": [Interval(numbers.Integral, 1, 4096, closed="both"),
+                      Interval(numbers.Integral, -4096, -1, closed="both"), None],
         "checkpoint": [str, os.PathLike, None],
         "checkpoint_every": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "callbacks": [list, tuple, None],
     }
 
     def __init__(self, hidden_layer_sizes=(500,), devices=None, training="hil",
-                 surrogate="nominal", calibration=None, n_samples=32, train_samples=1,
-                 variability=0.10, max_iter=30, batch_size=100, learning_rate_init=3e-3,
-                 alpha=1e-4, solver="adam", momentum=0.9, early_stopping=False,
-                 validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, mapping_unit=None,
-                 nominal_device=None, random_state=None, verbose=False, n_threads=None,
-                 checkpoint=None, checkpoint_every=None, callbacks=None):
+                 surrogate="nominal", calibration=None, device_map=None, n_samples=32,
+                 train_samples=1, variability=0.10, max_iter=30, batch_size=100,
+                 learning_rate_init=3e-3, alpha=1e-4, solver="adam", momentum=0.9,
+                 early_stopping=False, validation_fraction=0.1, n_iter_no_change=10, tol=1e-4,
+                 mapping_unit=None, mapping_offset=0.0, nominal_device=None, pretrain=None,
+                 hil_epochs=None, progress=None, random_state=None, verbose=False,
+                 n_threads=None, checkpoint=None, checkpoint_every=None, callbacks=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.devices = devices
         self.training = training
         self.surrogate = surrogate
         self.calibration = calibration
+        self.device_map = device_map
         self.n_samples = n_samples
         self.train_samples = train_samples
         self.variability = variability
@@ -184,7 +265,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.mapping_unit = mapping_unit
+        self.mapping_offset = mapping_offset
         self.nominal_device = nominal_device
+        self.pretrain = pretrain
+        self.hil_epochs = hil_epochs
+        self.progress = progress
         self.random_state = random_state
         self.verbose = verbose
         self.n_threads = n_threads
@@ -192,40 +277,114 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         self.checkpoint_every = checkpoint_every
         self.callbacks = callbacks
 
+    def __sklearn_clone__(self):
+        # A backend is a shared resource (an instrument session): keep the object.
+        params = self.get_params(deep=False)
+        kept = {"devices": params.pop("devices")} if _is_backend(self.devices) else {}
+        return type(self)(**{k: clone(v, safe=False) for k, v in params.items()}, **kept)
+
     # -- set-up -------------------------------------------------------------------------
     def _hidden_sizes(self):
         h = self.hidden_layer_sizes
-        sizes = [h] if isinstance(h, numbers.Integral) else list(h)
-        if not sizes or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
-                            for s in sizes):
+        sizes = [h] if isinstance(h, numbers.Integral) else list(np.ravel(h)) \
+            if isinstance(h, np.ndarray) else list(h)
+        if not sizes or any(isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral)
+                            or s < 1 for s in sizes):
             raise ValueError(f"hidden_layer_sizes must be positive integers, got {h!r}")
         return [int(s) for s in sizes]
 
     def _resolve_devices(self, n_needed, seed):
-        """Return (population or None, user backend or None)."""
+        """Return (physical population or None, user backend or None, n_physical)."""
         d = self.devices
+        explicit_map = self.device_map is not None and not isinstance(self.device_map, str)
         if d is None:
             pop = DevicePopulation.from_width(DEFAULT_WIDTH_UM, n_needed, variability=0.0,
                                               random_state=0)
-            return pop, None
+            return pop, None, n_needed
         if isinstance(d, DevicePopulation):
-            if len(d) < n_needed:
-                raise ValueError(f"devices has {len(d)} devices but hidden_layer_sizes needs "
-                                 f"{n_needed}")
-            return (d if len(d) == n_needed else d[:n_needed]), None
-        if isinstance(d, numbers.Real) and not isinstance(d, bool):
+            n = len(d) if explicit_map else min(len(d), n_needed)
+            return (d if len(d) == n else d[:n]), None, n
+        if isinstance(d, numbers.Real) and not isinstance(d, (bool, np.bool_)):
             return DevicePopulation.from_width(float(d), n_needed, variability=self.variability,
-                                               random_state=seed), None
+                                               random_state=seed), None, n_needed
         if _is_backend(d):
-            if d.n_devices < n_needed:
-                raise ValueError(f"the backend has {d.n_devices} devices but "
-                                 f"hidden_layer_sizes needs {n_needed}")
+            n = int(d.n_devices)
             curves = d.device_curves() if hasattr(d, "device_curves") else None
-            if curves is not None and len(curves) > n_needed:
-                curves = curves[:n_needed]
-            return curves, d
+            return curves, d, n
         raise TypeError("devices must be a DevicePopulation, a width in micrometres, a device "
                         f"backend or None; got {type(d).__name__}")
+
+    def _resolve_nominal(self, curves):
+        if self.nominal_device is not None:
+            nd = np.asarray(self.nominal_device, dtype=float) \
+                if not isinstance(self.nominal_device, str) else np.zeros(0)
+            if nd.shape != (2,) or not np.all(np.isfinite(nd)) or not nd[1] > 0:
+                raise ValueError("nominal_device must be (i50, scale) in amperes: i50 any finite "
+                                 f"number, scale > 0; got {self.nominal_device!r}")
+            return float(nd[0]), float(nd[1])
+        if self.calibration is not None:
+            return nominal_curve(self.calibration)
+        if curves is not None:
+            return nominal_curve(curves)
+        raise ValueError("this backend does not describe its devices: pass calibration= (e.g. "
+                         "sotcore.calibrate_backend(backend, ...).population) or "
+                         "nominal_device=(i50, scale) in amperes")
+
+    def _known_curves(self):
+        """Per-physical-device curves: the calibration if given, else the devices' own."""
+        return self._calib_ if self._calib_ is not None else self.devices_
+
+    def _setup(self, n_needed):
+        """First fit: devices, device map, nominal device, mapping (fitted attributes)."""
+        pop, user_backend, n_phys = self._resolve_devices(n_needed, int(self._seeds[0]))
+        dmap = DeviceMap.resolve(self.device_map, n_needed, n_phys)
+        calib = self.calibration
+        if calib is not None:
+            used = int(dmap.index.max()) + 1
+            if len(calib) < used:
+                raise ValueError(f"calibration has {len(calib)} devices but the device map uses "
+                                 f"{used} (one calibrated curve per physical device)")
+            calib = calib if len(calib) == n_phys else calib[:min(len(calib), n_phys)]
+        self.devices_, self._user_backend, self.device_map_ = pop, user_backend, dmap
+        self._calib_ = calib
+        i50n, sn = self._resolve_nominal(pop)
+        if isinstance(self.mapping_unit, str):
+            curves = self._known_curves()
+            unit = suggest_mapping(curves, (i50n, sn)).unit if curves is not None else sn
+        else:
+            unit = float(self.mapping_unit) if self.mapping_unit is not None else sn
+        self.mapping_ = CurrentMapping(unit=unit, offset=float(self.mapping_offset))
+        self._nominal = (i50n, sn)
+        self.nominal_device_ = (i50n, sn)
+        self._nominal_pop = DevicePopulation(np.full(n_phys, i50n), np.full(n_phys, sn),
+                                             meta={"nominal": True})
+        self._eval_on = "nominal" if self.training == "software" else "devices"
+
+    def _warn_far_devices(self):
+        """UserWarning when known device I50s lie > FAR_UNITS network units from the
+        nominal I50 where the biases start: training (HIL: Adam moves a bias about
+        ``learning_rate_init`` units per step) or deployment (ex-situ) then has to
+        cover that distance; a larger ``mapping_unit`` (or "auto") shrinks it."""
+        curves = self._known_curves()
+        if curves is None or self.training == "software":
+            return
+        used = np.unique(self.device_map_.index)
+        du = (curves.i50[used] - self._nominal[0]) / self.mapping_.unit
+        far = used[np.abs(du) > FAR_UNITS]
+        if far.size:
+            names = ", ".join(str(int(v)) for v in far[:8]) + (" ..." if far.size > 8 else "")
+            warnings.warn(f"{far.size} device(s) have I50 more than {FAR_UNITS:g} network units "
+                          f"from the nominal I50 where the hidden biases start (devices {names}; "
+                          f"up to {np.abs(du).max():.3g} units at mapping_unit="
+                          f"{self.mapping_.unit:.3g} A); consider mapping_unit='auto' "
+                          "(see sotcore.suggest_mapping)", UserWarning, stacklevel=3)
+
+    def _is_slow(self):
+        return self._user_backend is not None and not isinstance(self._user_backend,
+                                                                 EmulatedBackend)
+
+    def _show_progress(self):
+        return self._is_slow() if self.progress is None else bool(self.progress)
 
     # -- fit ------------------------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
@@ -243,24 +402,32 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             if extra.get("params") != self._checkpoint_params():
                 raise ValueError(f"{resume_from}: checkpoint was written with other estimator "
                                  "parameters; resume with the same parameters")
+        for key in ("_train_state", "_network"):
+            self.__dict__.pop(key, None)
         return self._fit(X, y, incremental=False, resume=resume)
 
     def _checkpoint_params(self):
         keep = ("hidden_layer_sizes", "training", "surrogate", "n_samples", "train_samples",
                 "variability", "max_iter", "batch_size", "learning_rate_init", "alpha", "solver",
                 "momentum", "early_stopping", "validation_fraction", "n_iter_no_change", "tol",
-                "mapping_unit")
+                "mapping_unit", "mapping_offset", "device_map", "pretrain", "hil_epochs")
         p = self.get_params()
-        return json.loads(json.dumps({k: (list(p[k]) if isinstance(p[k], tuple) else p[k])
-                                      for k in keep}))
+        return json.loads(json.dumps({k: _jsonable(p[k]) for k in keep}))
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y, classes=None):
-        """One more epoch on (X, y) (``classes`` required on the first call)."""
+        """One more epoch on (X, y) (``classes`` required on the first call).
+
+        After :meth:`load`, continues from the loaded weights (with a fresh
+        optimiser state: the model file does not hold Adam's moments).
+        """
         if not hasattr(self, "coefs_"):
-            self._validate_params()
             if classes is None:
                 raise ValueError("classes must be passed on the first call to partial_fit")
             self._partial_classes = np.asarray(classes)
+        elif self._hidden_sizes() != list(self.n_hidden_):
+            raise ValueError(f"hidden_layer_sizes is {self._hidden_sizes()} but the model was "
+                             f"fitted with {list(self.n_hidden_)}; call fit to start again")
         return self._fit(X, y, incremental=True)
 
     def _fit(self, X, y, incremental, resume=None):
@@ -280,11 +447,6 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         y_enc = self._label_encoder.transform(y)
         n_classes = max(len(self.classes_), 2)
         hidden = self._hidden_sizes()
-        n_needed = sum(hidden)
-        if self.training in ("ex-situ", "hardware-aware") and _is_backend(self.devices) \
-                and self.devices.device_curves() is None:
-            raise ValueError(f"training={self.training!r} needs known device curves; this "
-                             "backend does not describe its devices")
         if first:
             self.__dict__.pop("_train_state", None)
             if resume is not None:
@@ -292,27 +454,15 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             else:
                 seed = seed_from_random_state(self.random_state)
                 self._seeds = np.random.default_rng(seed).integers(0, 2**63, size=4)
-            pop, user_backend = self._resolve_devices(n_needed, int(self._seeds[0]))
-            self.devices_ = pop
-            self._user_backend = user_backend
-            if self.nominal_device is not None:
-                nd = np.asarray(self.nominal_device, dtype=float)
-                if nd.shape != (2,) or not np.all(np.isfinite(nd)) or not np.all(nd > 0):
-                    raise ValueError("nominal_device must be (i50, scale) in amperes, both > 0; "
-                                     f"got {self.nominal_device!r}")
-                i50n, sn = float(nd[0]), float(nd[1])
-            elif pop is not None:
-                i50n, sn = nominal_curve(pop)
-            else:
-                raise ValueError("this backend does not describe its devices: pass "
-                                 "nominal_device=(i50, scale) in amperes")
-            unit = float(self.mapping_unit) if self.mapping_unit is not None else sn
-            self.mapping_ = CurrentMapping(unit=unit)
-            self._nominal = (i50n, sn)
-            self._nominal_pop = DevicePopulation(np.full(n_needed, i50n), np.full(n_needed, sn),
-                                                 meta={"nominal": True})
-        i50n, sn = self._nominal
-        train_backend, surrogate = self._training_setup()
+            self._setup(sum(hidden))
+        self._check_mode()
+        if first:
+            self._warn_far_devices()
+        if self.checkpoint is not None:
+            parent = Path(self.checkpoint).resolve().parent
+            if not parent.is_dir():
+                raise ValueError(f"checkpoint: directory {parent} does not exist")
+        i50n, _ = self._nominal
         validation, Xt, yt = None, X, y_enc
         if self.early_stopping and not incremental:
             stratify = y_enc if np.bincount(y_enc).min() >= 2 else None
@@ -321,78 +471,216 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                                               stratify=stratify)
             validation = (Xv, yv)
         state = getattr(self, "_train_state", None) if not first else None
-        rng_seed = int(self._seeds[3]) + (0 if state is None else state["epoch"])
-        result, optimizer = train_network(
-            Xt, yt, n_classes, hidden_layer_sizes=hidden, backend=train_backend,
-            surrogate=surrogate, mapping=self.mapping_, hidden_bias=i50n / self.mapping_.unit,
-            train_samples=self.train_samples, max_iter=1 if incremental else self.max_iter,
-            batch_size=min(self.batch_size, len(Xt)), learning_rate=self.learning_rate_init,
-            alpha=self.alpha, solver=self.solver, momentum=self.momentum,
-            validation=validation, early_stopping=self.early_stopping,
-            n_iter_no_change=self.n_iter_no_change, tol=self.tol,
-            eval_fn=lambda net, Xv: self._proba(net, Xv, evaluation=False),
-            random_state=rng_seed, verbose=bool(self.verbose),
-            callbacks=tuple(self.callbacks or ()),
-            network=None if state is None else state["network"],
-            optimizer=None if state is None else state["optimizer"],
-            start_epoch=0 if state is None else state["epoch"],
-            history=None if state is None else state["history"],
-            checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every, resume=resume,
-            extra_meta={"seeds": [int(v) for v in self._seeds],
-                        "params": self._checkpoint_params()})
+        if state is None and not first:
+            # After load(): continue from the loaded weights with a fresh optimiser.
+            state = {"network": self._network, "optimizer": None, "epoch": int(self.n_iter_),
+                     "history": {"loss": list(self.loss_curve_), "train_accuracy": [np.nan]
+                                 * len(self.loss_curve_), "val_accuracy": [np.nan]
+                                 * len(self.loss_curve_), "seconds": [np.nan]
+                                 * len(self.loss_curve_)}}
+        counts0 = self._device_counts()
+        stages = self._stages(incremental)
+        for k, (mode, epochs) in enumerate(stages):
+            rng_seed = int(self._seeds[3]) + (0 if state is None else state["epoch"])
+            train_backend, surrogate = self._training_setup(mode, state)
+            result, optimizer = train_network(
+                Xt, yt, n_classes, hidden_layer_sizes=hidden, backend=train_backend,
+                surrogate=surrogate, mapping=self.mapping_,
+                hidden_bias=(i50n - self.mapping_.offset) / self.mapping_.unit,
+                device_map=self.device_map_,
+                train_samples=self.train_samples, max_iter=epochs,
+                batch_size=min(self.batch_size, len(Xt)), learning_rate=self.learning_rate_init,
+                alpha=self.alpha, solver=self.solver, momentum=self.momentum,
+                validation=validation, early_stopping=self.early_stopping and not incremental,
+                n_iter_no_change=self.n_iter_no_change, tol=self.tol,
+                loss_stopping=not incremental,
+                eval_fn=lambda net, Xv: self._proba(net, Xv, progress=False),
+                random_state=rng_seed, verbose=bool(self.verbose),
+                progress=self._show_progress() and mode == "hil",
+                callbacks=tuple(self.callbacks or ()),
+                network=None if state is None else state["network"],
+                optimizer=None if state is None else state["optimizer"],
+                start_epoch=0 if state is None else state["epoch"],
+                history=None if state is None else state["history"],
+                checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
+                resume=resume if k == 0 else None,
+                extra_meta={"seeds": [int(v) for v in self._seeds],
+                            "params": self._checkpoint_params(), "stage": k})
+            resume = None
+            state = {"network": result.network, "optimizer": optimizer,
+                     "epoch": result.n_iter, "history": result.history}
+            self.best_loss_ = result.best_loss
+            if result.stopped_early and not incremental:
+                break
         self._network = result.network
-        self._train_state = {"network": result.network, "optimizer": optimizer,
-                             "epoch": result.n_iter, "history": result.history}
+        self._train_state = state
         self.coefs_ = result.network.coefs
         self.intercepts_ = result.network.intercepts
         self.n_iter_ = result.n_iter
+        self.t_ = int(getattr(optimizer, "t", 0))
         self.loss_curve_ = list(result.history["loss"])
         if self.early_stopping:
             self.validation_scores_ = list(result.history["val_accuracy"])
         self.n_layers_ = len(hidden) + 2
         self.n_outputs_ = n_classes
+        self.n_hidden_ = tuple(hidden)
+        self.pulses_ = self._device_counts() - counts0
         return self
 
-    def _training_setup(self):
-        """(forward backend, surrogate) for the chosen training mode."""
+    def _stages(self, incremental):
+        """[(mode, epochs)]: what this (partial_)fit call trains, in order."""
+        if incremental:
+            return [(self.training, 1)]
+        if self.pretrain is not None and self.training == "hil":
+            return [("hardware-aware", self.max_iter),
+                    ("hil", self.hil_epochs if self.hil_epochs is not None else self.max_iter)]
+        if self.training == "hil" and self.hil_epochs is not None:
+            return [("hil", self.hil_epochs)]
+        return [(self.training, self.max_iter)]
+
+    def _check_mode(self):
+        """Errors a fit would hit later, raised before any pulse is sent."""
+        if self.pretrain is not None and self.training != "hil":
+            raise ValueError("pretrain= applies to training='hil' only")
+        needs_curves = self.training == "hardware-aware" or self.pretrain is not None
+        if needs_curves and self._known_curves() is None:
+            raise ValueError(f"{'pretrain' if self.pretrain else 'training'}='hardware-aware' "
+                             "needs device curves: pass calibration= (e.g. "
+                             "sotcore.calibrate_backend(backend, ...).population)")
+        if self.training == "hil" and self.surrogate == "calibrated" and self._calib_ is None:
+            raise ValueError("surrogate='calibrated' needs calibration= (a DevicePopulation "
+                             "measured from the devices, e.g. sotcore.calibrate_backend)")
+
+    def _device_counts(self):
+        b = self._user_backend
+        if b is not None and hasattr(b, "pulse_counts"):
+            return np.array(b.pulse_counts, dtype=np.int64, copy=True)
+        return np.zeros(self.device_map_.n_devices, np.int64)
+
+    def _training_setup(self, mode, state=None):
+        """(forward backend, surrogate) for a training mode."""
         i50n, sn = self._nominal
         # A fresh device stream per (partial_)fit call, reproducible from random_state.
-        state = getattr(self, "_train_state", None)
         seed = int(self._seeds[1]) + (state["epoch"] if state else 0)
-        mode = self.training
+        index = self.device_map_.index
         if mode in ("software", "ex-situ"):
             return (EmulatedBackend(self._nominal_pop, seed, self.n_threads),
                     make_surrogate("nominal", self.mapping_, i50n, sn))
         if mode == "hardware-aware":
-            return (EmulatedBackend(self.devices_, seed, self.n_threads),
-                    make_surrogate("calibrated", self.mapping_, i50n, sn, self.devices_))
-        backend = self._user_backend or EmulatedBackend(self.devices_, seed, self.n_threads)
-        curves = None
-        if self.surrogate == "calibrated":
-            if self.calibration is None:
-                raise ValueError("surrogate='calibrated' needs calibration= (a DevicePopulation "
-                                 "measured from the devices, e.g. sotcore.calibrate_backend)")
-            curves = self.calibration
-            if len(curves) < backend.n_devices and len(curves) < sum(self._hidden_sizes()):
-                raise ValueError("calibration has fewer devices than the hidden layers")
+            curves = self._known_curves()
+            return (EmulatedBackend(curves, seed, self.n_threads),
+                    make_surrogate("calibrated", self.mapping_, i50n, sn, curves[index]))
+        backend = self._device_backend(seed)
+        curves = self._calib_[index] if self.surrogate == "calibrated" else None
         return backend, make_surrogate(self.surrogate, self.mapping_, i50n, sn, curves)
 
-    # -- predict --------------------------------------------------------------------------
-    def _eval_backend(self, evaluation=True):
-        if self.training == "software":
-            pop = self._nominal_pop
-        elif self._user_backend is not None:
-            return self._user_backend
-        else:
-            pop = self.devices_
-        return EmulatedBackend(pop, int(self._seeds[1]) ^ 0x5EED, self.n_threads)
+    def _device_backend(self, seed):
+        return self._user_backend or EmulatedBackend(self.devices_, seed, self.n_threads)
 
-    def _proba(self, network, X, evaluation=True):
+    # -- cost -----------------------------------------------------------------------------
+    def estimate_cost(self, X, n_score=None):
+        """Pulses per physical device and hardware time of ``fit(X, ...)`` and of a
+        ``score`` on ``n_score`` rows (default ``len(X)``), before any pulse is sent.
+
+        Counts what this estimator's parameters make ``fit`` send to the devices:
+        HIL epochs x rows x ``train_samples`` per neuron, plus -- with early
+        stopping -- the validation passes (``n_samples`` per row per epoch, an
+        upper bound when training stops early).  Modes that never pulse the
+        devices during fit (software, ex-situ, hardware-aware) cost 0.  With
+        ``loss``-based stopping a run may end earlier: the figure is the most
+        it will cost.  Hardware time uses the backend's ``request_time`` model
+        (:class:`~sotcore.InstrumentBackend`), None where the backend has none.
+        """
+        self._validate_params()
+        n = int(np.shape(X)[0])
+        n_score = n if n_score is None else int(n_score)
+        hidden = self._hidden_sizes()
+        seeds_saved = getattr(self, "_seeds", None)
+        saved = {k: getattr(self, k) for k in ("devices_", "_user_backend", "device_map_",
+                                               "_calib_", "mapping_", "_nominal",
+                                               "nominal_device_", "_nominal_pop", "_eval_on")
+                 if hasattr(self, k)}
+        try:
+            self._seeds = np.zeros(4, np.int64)
+            self._setup(sum(hidden))
+            dmap, backend = self.device_map_, self._user_backend
+            stages = self._stages(False)
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+            if seeds_saved is None:
+                self.__dict__.pop("_seeds", None)
+            else:
+                self._seeds = seeds_saved
+            for k in ("devices_", "_user_backend", "device_map_", "_calib_", "mapping_",
+                      "_nominal", "nominal_device_", "_nominal_pop", "_eval_on"):
+                if k not in saved:
+                    self.__dict__.pop(k, None)
+        n_train, n_val = n, 0
+        if self.early_stopping:
+            n_val = int(np.ceil(n * self.validation_fraction))
+            n_train = n - n_val
+        hil_ep = sum(e for m, e in stages if m == "hil")
+        val_ep = sum(e for m, e in stages) if self.training != "software" else 0
+        per_neuron_fit = hil_ep * n_train * self.train_samples + \
+            (val_ep * n_val * self.n_samples if self.training != "software" else 0)
+        per_neuron_score = 0 if self.training == "software" else n_score * self.n_samples
+        batch = min(self.batch_size, max(n_train, 1))
+
+        def requests_and_time(rows_per_call, calls, per_neuron):
+            if per_neuron == 0:
+                return 0, 0.0 if backend is not None and hasattr(backend, "request_time") \
+                    else None
+            reqs, secs = 0, 0.0
+            for sl in _layer_slices(hidden):
+                plan = dmap.plan(sl)
+                groups = [(g.shape[0], d.size) for g, d in plan.groups] if not (
+                    plan.distinct or getattr(backend, "accepts_repeated_devices", False)) \
+                    else [(1, sl.stop - sl.start)]
+                for q, m in groups:
+                    reqs += calls
+                    if backend is not None and hasattr(backend, "request_time"):
+                        secs += calls * backend.request_time(rows_per_call * q, m)
+            has_time = backend is not None and hasattr(backend, "request_time")
+            return reqs, (secs if has_time else None)
+
+        fit_calls = hil_ep * -(-n_train // batch)
+        fit_req, fit_time = requests_and_time(batch * self.train_samples, fit_calls,
+                                              hil_ep * n_train * self.train_samples)
+        if n_val and val_ep:
+            vb = max(1, 2 ** 19 // (self.n_samples * max(hidden)))
+            v_req, v_time = requests_and_time(min(vb, n_val) * self.n_samples,
+                                              val_ep * -(-n_val // vb), 1)
+            fit_req += v_req
+            fit_time = None if fit_time is None or v_time is None else fit_time + v_time
+        sb = max(1, 2 ** 19 // (self.n_samples * max(hidden)))
+        sc_req, sc_time = requests_and_time(min(sb, max(n_score, 1)) * self.n_samples,
+                                            -(-n_score // sb), per_neuron_score)
+        return CostEstimate(
+            fit_pulses=dmap.pulses_per_device(per_neuron_fit),
+            score_pulses=dmap.pulses_per_device(per_neuron_score),
+            fit_requests=int(fit_req), score_requests=int(sc_req),
+            fit_hardware_time=fit_time, score_hardware_time=sc_time, hil_epochs=int(hil_ep),
+            n_devices=dmap.n_devices, n_score=n_score)
+
+    # -- predict --------------------------------------------------------------------------
+    def _eval_backend(self):
+        if self._eval_on == "nominal":
+            return EmulatedBackend(self._nominal_pop, int(self._seeds[1]) ^ EVAL_SALT,
+                                   self.n_threads)
+        if self._user_backend is not None:
+            return self._user_backend
+        return EmulatedBackend(self.devices_, int(self._seeds[1]) ^ EVAL_SALT, self.n_threads)
+
+    def _proba(self, network, X, progress=None):
         # Inference noise keyed by each input's content (and the model's seed):
         # a row's prediction never depends on the rest of the batch.
         keys = _RowKeys(int(self._seeds[1]) % 2**32, X.shape[1])
-        return network.predict_proba(X, self._eval_backend(evaluation), self.n_samples,
-                                     n_threads=self.n_threads, row_keys=keys)
+        show = self._show_progress() if progress is None else progress
+        # Backend faults arrive as BackendError (DeviceMap's request plan wraps them).
+        return network.predict_proba(X, self._eval_backend(), self.n_samples,
+                                     n_threads=self.n_threads, row_keys=keys,
+                                     progress=show and self._eval_on == "devices")
 
     def predict_proba(self, X):
         """Class probabilities: the softmax averaged over ``n_samples`` stochastic passes."""
@@ -415,6 +703,27 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         return tags
 
     # -- persistence ----------------------------------------------------------------------
+    def _finish_load(self, devices, backend):
+        """Fitted device attributes of a loaded model (its network is ``_network``)."""
+        hidden = self._hidden_sizes()
+        n_needed = sum(hidden)
+        if backend is not None:
+            n_phys = int(backend.n_devices)
+        elif devices is not None:
+            n_phys = len(devices)
+        else:
+            n_phys = n_needed
+        self.devices_, self._user_backend, self._calib_ = devices, backend, None
+        self.device_map_ = DeviceMap.resolve(self.device_map, n_needed, n_phys)
+        self._network.device_map = self.device_map_
+        self.nominal_device_ = tuple(self._nominal)
+        self._nominal_pop = DevicePopulation(np.full(n_phys, self._nominal[0]),
+                                             np.full(n_phys, self._nominal[1]),
+                                             meta={"nominal": True})
+        self._eval_on = "nominal" if self.training == "software" else "devices"
+        self.n_hidden_ = tuple(hidden)
+
+
     def save(self, path):
         """Save a fitted model as ``path`` (JSON) plus ``path`` with suffix ``.npz``.
 
@@ -520,14 +829,17 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         net.coefs, net.intercepts = coefs, inter
         est._network = net
         est.coefs_, est.intercepts_ = net.coefs, net.intercepts
-        n = sum(est._hidden_sizes())
-        est.devices_ = devices
-        est._user_backend = backend
-        i50n, sn = est._nominal
-        est._nominal_pop = DevicePopulation(np.full(n, i50n), np.full(n, sn),
-                                            meta={"nominal": True})
+        est._finish_load(devices, backend)
         est._label_encoder = LabelEncoder().fit(est.classes_)
         if backend is None and devices is None:
             raise ValueError(f"{path}: the model was trained on a device backend; pass "
                              "backend= to load it")
         return est
+
+
+def _layer_slices(hidden):
+    out, start = [], 0
+    for h in hidden:
+        out.append(slice(start, start + h))
+        start += h
+    return out

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import _kernels
 from ._fused import FIRST_LAYER_ROWS, blas_threads, first_layer, keyed_samples
 from ._utils import effective_n_threads
+from .exceptions import BackendError, SotcoreError
 
 __all__ = ["CurrentMapping", "DeviceMap", "StochasticMLP", "softmax"]
 
@@ -174,7 +175,21 @@ class _LayerPlan:
         self.groups = [(np.stack(g), idx[g[0]]) for g in groups]
 
     def pulse(self, backend, cur):
-        """Bits (n, H) for currents (n, H) of this layer's neurons."""
+        """Bits (n, H) for currents (n, H) of this layer's neurons.
+
+        A backend that raises anything but a sotcore error or a ValueError /
+        TypeError (bad request) raises :class:`~sotcore.BackendError` here,
+        with the original as its cause.
+        """
+        try:
+            return self._pulse(backend, cur)
+        except (SotcoreError, ValueError, TypeError):
+            raise
+        except Exception as exc:
+            raise BackendError(f"{type(backend).__name__}.pulse failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+    def _pulse(self, backend, cur):
         if self.distinct or getattr(backend, "accepts_repeated_devices", False):
             return backend.pulse(cur, self.devices)
         n = cur.shape[0]

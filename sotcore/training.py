@@ -16,6 +16,8 @@ The ``calibrated`` surrogate uses a calibration *measured through the backend*
 (pulse sweeps fitted by :func:`sotcore.calibrate`), never the emulator's
 hidden ground truth.
 """
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -25,12 +27,12 @@ from tqdm.auto import tqdm
 from . import _kernels
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
-from .exceptions import TrainingInterrupted
+from .exceptions import BackendError, TrainingInterrupted
 from .network import CurrentMapping, StochasticMLP, nominal_derivative
 
 __all__ = ["MODES", "SURROGATES", "Adam", "SGD", "TrainResult", "TrainingInterrupted",
            "train_network", "save_checkpoint", "load_checkpoint", "nominal_curve",
-           "nominal_population", "make_surrogate"]
+           "nominal_population", "make_surrogate", "suggest_mapping"]
 
 MODES = ("software", "ex-situ", "hardware-aware", "hil")
 SURROGATES = ("nominal", "calibrated", "straight-through")
@@ -59,6 +61,51 @@ def nominal_population(population):
     n = len(population)
     return DevicePopulation(np.full(n, i50), np.full(n, scale), 0.0, 1.0, population.width,
                             meta={"nominal_of": population.meta.get("model", {})})
+
+
+#: ``suggest_mapping`` keeps the devices' spread of I50 at about this many network units.
+TARGET_SPREAD_UNITS = 1.0
+
+
+def suggest_mapping(calibration, nominal=None, *, target_spread=TARGET_SPREAD_UNITS):
+    """A network-to-current mapping for these devices (``mapping_unit="auto"``).
+
+    Rationale: pre-activations of a Glorot-initialised layer are O(1)
+    network units, and every hidden bias starts at the nominal I50.  A
+    device whose I50 lies ``k`` units away is off by ``k`` units: ex-situ it
+    stays off, and HIL training must move its bias ``k`` units (Adam moves a
+    bias about ``learning_rate_init`` units per step).  With the default
+    unit (one nominal sigmoid scale) a 10 % I50 spread at 20 um is ~3 units.
+    This rule picks the larger of the nominal scale and ``robust_sd(I50) /
+    target_spread``, so the devices' spread is at most ``target_spread``
+    units while a neuron is never made *flatter* than the nominal device in
+    network units.  ``robust_sd`` is 1.4826 x the median absolute deviation
+    of the non-stuck devices' I50 (one outlier device does not move it).
+    The offset is 0 (currents ``I = unit * z``; biases carry the I50).
+
+    Parameters
+    ----------
+    calibration : DevicePopulation
+        Measured (or known) curves of the devices.
+    nominal : (i50, scale) or None
+        The nominal device; default :func:`nominal_curve` of ``calibration``.
+    target_spread : float, default 1.0
+
+    Returns
+    -------
+    CurrentMapping
+    """
+    if not isinstance(calibration, DevicePopulation):
+        raise TypeError(f"calibration must be a DevicePopulation, got "
+                        f"{type(calibration).__name__}")
+    if not (np.isfinite(target_spread) and target_spread > 0):
+        raise ValueError(f"target_spread must be > 0, got {target_spread!r}")
+    i50n, sn = nominal_curve(calibration) if nominal is None else (float(nominal[0]),
+                                                                    float(nominal[1]))
+    ok = ~calibration.stuck
+    i50 = calibration.i50[ok] if ok.any() else calibration.i50
+    spread = 1.4826 * float(np.median(np.abs(i50 - np.median(i50))))
+    return CurrentMapping(unit=max(sn, spread / target_spread), offset=0.0)
 
 
 def make_surrogate(kind, mapping, i50_nominal, scale_nominal, curves=None):
@@ -186,6 +233,7 @@ class TrainResult:
     history: dict = field(default_factory=dict)
     n_iter: int = 0
     stopped_early: bool = False
+    best_loss: float = np.inf
 
 
 def _mixture_grad(probs, y):
@@ -329,40 +377,94 @@ def _fast_output_step(fast, network, bits, cur, yb, T, surrogate, sl, grads_w, g
     return loss_sum, ok, g1
 
 
+class _DeferredInterrupt:
+    """Ctrl-C during training: finish the current step, checkpoint, then raise.
+
+    In the main thread SIGINT only sets ``requested``; the loop checks it between
+    steps, where the state is consistent.  A second Ctrl-C interrupts at once.
+    Elsewhere (no signal handlers off the main thread) it does nothing.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._old = signal.signal(signal.SIGINT, self._handler)
+            except (ValueError, OSError):   # pragma: no cover - embedded interpreters
+                self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _interrupted(exc, epoch, s, where):
+    """The exception to raise after a failed step (checkpoint ``where`` written or None).
+
+    Backend faults become :class:`TrainingInterrupted`; anything else (our own
+    bug, a user callback) is re-raised as it is, with a note on the checkpoint.
+    """
+    ck = (f"; checkpoint written to {where}" if where else "; no checkpoint path was set")
+    if isinstance(exc, BackendError):
+        return TrainingInterrupted(f"training stopped in epoch {epoch + 1} at sample {s}: "
+                                   f"{type(exc).__name__}: {exc}{ck}", where)
+    exc.add_note(f"sotcore: training stopped in epoch {epoch + 1} at sample {s}{ck}")
+    return exc
+
+
 def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, mapping,
-                  hidden_bias, train_samples=1, max_iter=30, batch_size=100,
+                  hidden_bias, device_map=None, train_samples=1, max_iter=30, batch_size=100,
                   learning_rate=3e-3, alpha=1e-4, solver="adam", momentum=0.9,
                   validation=None, early_stopping=False, n_iter_no_change=10, tol=1e-4,
-                  eval_fn=None, random_state=None, verbose=False, callbacks=(),
-                  network=None, optimizer=None, start_epoch=0, history=None,
-                  checkpoint=None, checkpoint_every=None, resume=None, extra_meta=None):
+                  loss_stopping=False, eval_fn=None, random_state=None, verbose=False,
+                  progress=False, callbacks=(), network=None, optimizer=None, start_epoch=0,
+                  history=None, checkpoint=None, checkpoint_every=None, resume=None,
+                  extra_meta=None):
     """Minibatch training of a :class:`StochasticMLP` through a device backend.
 
     Parameters
     ----------
     X : float32 array (n, d); y : int array (n,) of labels in [0, n_classes)
     backend : device backend used in the forward pass
-    surrogate : callable ``(currents, device_slice) -> dP/dz`` (see ``make_surrogate``)
+    surrogate : callable ``(currents, neuron_slice) -> dP/dz`` (see ``make_surrogate``)
     mapping : CurrentMapping
     hidden_bias : float
         Initial hidden bias in network units (the nominal I50 mapped to units).
+    device_map : DeviceMap or None
+        Physical device of each hidden neuron (default: one per neuron).
     train_samples : int
         Stochastic samples per input in each training step; the loss is
         ``-log`` of the softmax averaged over them (as at inference).
     validation : (X_val, y_val) or None
         Scored after every epoch with ``eval_fn(network, X_val) -> proba``.
     early_stopping : bool
-        Stop when the validation accuracy has not improved by ``tol`` for
-        ``n_iter_no_change`` epochs, and restore the best weights.
+        As MLPClassifier: stop when the validation accuracy has not improved
+        by ``tol`` for more than ``n_iter_no_change`` epochs; restore the best weights.
+    loss_stopping : bool
+        Without early stopping, stop (as MLPClassifier) when the training loss
+        has not improved by ``tol`` for more than ``n_iter_no_change`` epochs.
+    progress : bool
+        One bar over all batches of the run, with an ETA (slow instruments).
     callbacks : sequence of callables ``cb(epoch, info, network) -> bool``
         Called after every epoch; returning True stops training.
     network, optimizer, start_epoch, history
         Continue a run (``partial_fit``).
     checkpoint : path or None
         Where to write checkpoints: at the end of every epoch, every
-        ``checkpoint_every`` batches if set, and -- before raising
-        :class:`TrainingInterrupted` -- whenever a step fails (e.g. the
-        instrument raised or returned garbage).
+        ``checkpoint_every`` batches if set, and -- before raising -- whenever
+        a step, the validation or a callback fails, or on Ctrl-C (the current
+        step finishes first).  Backend faults raise :class:`TrainingInterrupted`.
     resume : dict or None
         A checkpoint from :func:`load_checkpoint`; training continues from
         the step it was written before, bit-exactly.
@@ -372,6 +474,7 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
     n, d = X.shape
     sizes = [d, *hidden_layer_sizes, n_classes]
     T = int(train_samples)
+    best_loss, no_improve_loss = np.inf, 0
     if resume is not None:
         meta = resume["meta"]
         if meta["layer_sizes"] != sizes:
@@ -381,6 +484,8 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
             raise ValueError(f"checkpoint was taken on {meta['n_samples']} training samples, "
                              f"this run has {n}")
         network, optimizer = resume["network"], resume["optimizer"]
+        if device_map is not None:
+            network.device_map = device_map
         rng = np.random.default_rng()
         rng.bit_generator.state = meta["rng_state"]
         history = meta["history"]
@@ -390,15 +495,18 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
         best = (meta["best_score"], None if resume["best"] is None else
                 (resume["best"][:len(sizes) - 1], resume["best"][len(sizes) - 1:]))
         no_improve = meta["no_improve"]
+        best_loss = float(meta.get("best_loss", np.inf))
+        no_improve_loss = int(meta.get("no_improve_loss", 0))
         if meta.get("backend_state") is not None and hasattr(backend, "set_state"):
             backend.set_state(meta["backend_state"])
-        max_iter = meta["end_epoch"] - start_epoch
+        # A finished or stopped run stays finished.
+        max_iter = 0 if meta.get("stopped") else meta["end_epoch"] - start_epoch
     else:
         rng = np.random.default_rng(random_state)
         start_batch, order, acc0 = 0, None, (0.0, 0)
         best, no_improve = (-np.inf, None), 0
         if network is None:
-            network = StochasticMLP(sizes, mapping)
+            network = StochasticMLP(sizes, mapping, device_map=device_map)
             network.initialize(rng, hidden_bias)
     params = network.coefs + network.intercepts
     if optimizer is None:
@@ -414,11 +522,10 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                   "nesterov": optimizer.nesterov})
     history = history if history is not None else {"loss": [], "train_accuracy": [],
                                                      "val_accuracy": [], "seconds": []}
-    slices = network.device_slices()
     L = len(network.coefs)
     end_epoch = start_epoch + max_iter
     stopped = False
-    epoch = start_epoch
+    done = start_epoch
 
     def snapshot(epoch, batch_start, order, tot_loss, correct, rng_state, backend_state):
         return {"network": network, "optimizer": optimizer, "order": order,
@@ -426,130 +533,168 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                 "meta": {"epoch": epoch, "batch_start": batch_start, "end_epoch": end_epoch,
                          "n_samples": n, "rng_state": rng_state, "history": history,
                          "tot_loss": tot_loss, "correct": correct, "best_score": best[0],
-                         "no_improve": no_improve, "backend_state": backend_state,
+                         "no_improve": no_improve, "best_loss": best_loss,
+                         "no_improve_loss": no_improve_loss, "stopped": stopped,
+                         "backend_state": backend_state,
                          "opt_hyper": opt_hyper, "extra": extra_meta,
                          "mapping": {"unit": network.mapping.unit,
                                      "offset": network.mapping.offset}}}
 
+    def save(*args):
+        return None if checkpoint is None else save_checkpoint(checkpoint, snapshot(*args))
+
     get_bstate = getattr(backend, "get_state", lambda: None)
     mul_inplace = getattr(surrogate, "mul_inplace", None)
+    slices = network.device_slices()
     # Reused per-batch buffers: the gathered inputs and the first layer's gradient.
     xbuf = (np.empty((batch_size, d), X.dtype)
             if isinstance(X, np.ndarray) and X.flags.c_contiguous else None)
     gw0 = (np.empty(network.coefs[0].shape, np.float32)
            if network.coefs[0].dtype == np.float32 and X.dtype == np.float32 else None)
     fast = _fast_step_buffers(network, X, batch_size, T)
-    for epoch in range(start_epoch, end_epoch):
-        t0 = time.perf_counter()
-        # A mid-epoch checkpoint carries the epoch's order; an epoch-end one does not.
-        if resume is None or epoch != start_epoch or len(order) == 0:
-            order = rng.permutation(n)
-            tot_loss, correct = 0.0, 0
-            first_batch = 0
-        else:
-            (tot_loss, correct), first_batch = acc0, start_batch
-        rng_state = rng.bit_generator.state
-        bar = tqdm(range(first_batch, n, batch_size), desc=f"epoch {epoch + 1}", leave=False,
-                   disable=not verbose, unit="batch")
-        for bi, s in enumerate(bar):
-            bstate = get_bstate()
-            if checkpoint is not None and checkpoint_every and bi and bi % checkpoint_every == 0:
-                save_checkpoint(checkpoint, snapshot(epoch, s, order, tot_loss, correct,
-                                                     rng_state, bstate))
-            idx = order[s:s + batch_size]
-            nb = len(idx)
-            Xb = (np.take(X, idx, axis=0, out=xbuf[:nb], mode="clip") if xbuf is not None
-                  else X[idx])
-            yb = y[idx]
-            try:
-                if fast is not None:
-                    # One hidden layer: first layer and the devices here, the rest in one kernel.
-                    z1 = np.matmul(Xb, network.coefs[0], out=fast["z1"][:nb])
-                    z1 += network.intercepts[0]
-                    cur = network._to_current(z1)
-                    bits = network.pulse_layer(backend, np.repeat(cur, T, axis=0) if T > 1 else cur, 0)
-                else:
-                    probs, cache = network.forward(Xb, backend, T)
-            except Exception as exc:
-                where = None
-                if checkpoint is not None:
-                    where = save_checkpoint(checkpoint, snapshot(epoch, s, order, tot_loss,
-                                                                 correct, rng_state, bstate))
-                bar.close()
-                raise TrainingInterrupted(
-                    f"training stopped in epoch {epoch + 1} at sample {s}: "
-                    f"{type(exc).__name__}: {exc}" +
-                    (f"; checkpoint written to {where}" if where else
-                     "; no checkpoint path was set"), where) from exc
-            grads_w = [None] * L
-            grads_b = [None] * L
-            if fast is not None:
-                loss_sum, ok, g = _fast_output_step(fast, network, bits, cur, yb, T, surrogate,
-                                                    slices[0], grads_w, grads_b)
-                tot_loss += loss_sum
-                correct += ok
+    n_batches = -(-n // batch_size)
+    run_bar = tqdm(total=max(0, end_epoch - start_epoch) * n_batches, desc="training",
+                   unit="batch", disable=not progress, leave=False)
+    run_bar.update(-(-start_batch // batch_size) if resume is not None else 0)
+    with _DeferredInterrupt() as sigint:
+        for epoch in range(start_epoch, end_epoch):
+            t0 = time.perf_counter()
+            # A mid-epoch checkpoint carries the epoch's order; an epoch-end one does not.
+            if resume is None or epoch != start_epoch or len(order) == 0:
+                order = rng.permutation(n)
+                tot_loss, correct = 0.0, 0
+                first_batch = 0
             else:
-                loss, g = _mixture_grad(probs, yb)
-                tot_loss += loss * nb
-                correct += int((probs.mean(axis=1).argmax(axis=1) == yb).sum())
-                hidden = cache["hidden"]
-                for k in range(L - 1, 0, -1):
-                    grads_w[k] = hidden[k - 1].T @ g
-                    grads_b[k] = g.sum(axis=0)
-                    gh = g @ network.coefs[k].T
-                    cur = cache["currents"][k - 1]
-                    if k - 1 == 0 and T > 1:
-                        # First layer: currents are shared by the T samples of an input.
-                        gh = gh.reshape(nb, T, -1).sum(axis=1)
-                    if mul_inplace is not None and gh.dtype == np.float32 \
-                            and gh.flags.c_contiguous and cur.dtype == np.float32 \
-                            and cur.flags.c_contiguous:
-                        mul_inplace(gh, cur, slices[k - 1])
-                        g = gh
+                (tot_loss, correct), first_batch = acc0, start_batch
+            rng_state = rng.bit_generator.state
+            bar = tqdm(range(first_batch, n, batch_size), desc=f"epoch {epoch + 1}",
+                       leave=False, disable=not verbose or progress, unit="batch")
+            for bi, s in enumerate(bar):
+                bstate = get_bstate()
+                if sigint.requested:
+                    where = save(epoch, s, order, tot_loss, correct, rng_state, bstate)
+                    run_bar.close()
+                    raise KeyboardInterrupt(
+                        f"training interrupted in epoch {epoch + 1} at sample {s}" +
+                        (f"; checkpoint written to {where}" if where else ""))
+                if checkpoint is not None and checkpoint_every and bi and \
+                        bi % checkpoint_every == 0:
+                    save(epoch, s, order, tot_loss, correct, rng_state, bstate)
+                idx = order[s:s + batch_size]
+                nb = len(idx)
+                Xb = (np.take(X, idx, axis=0, out=xbuf[:nb], mode="clip") if xbuf is not None
+                      else X[idx])
+                yb = y[idx]
+                try:
+                    if fast is not None:
+                        # One hidden layer: first layer and the devices here, the rest in one
+                        # kernel.
+                        z1 = np.matmul(Xb, network.coefs[0], out=fast["z1"][:nb])
+                        z1 += network.intercepts[0]
+                        cur = network._to_current(z1)
+                        bits = network.pulse_layer(
+                            backend, np.repeat(cur, T, axis=0) if T > 1 else cur, 0)
                     else:
-                        g = gh * surrogate(cur, slices[k - 1])
-                grads_b[0] = g.sum(axis=0)
-            if gw0 is not None and g.dtype == np.float32:
-                grads_w[0] = np.matmul(Xb.T, g, out=gw0)
-            else:
-                grads_w[0] = Xb.T @ g
-            # The L2 penalty is folded into the optimiser's single pass.
-            l2 = [alpha / nb] * L + [0.0] * L if alpha else None
-            optimizer.step(params, grads_w + grads_b, l2=l2)
-            if verbose:
-                bar.set_postfix(loss=f"{tot_loss / min(s + batch_size, n):.4f}")
-        info = {"epoch": epoch + 1, "loss": tot_loss / n, "train_accuracy": correct / n,
-                "seconds": time.perf_counter() - t0}
-        if validation is not None and eval_fn is not None:
-            Xv, yv = validation
-            info["val_accuracy"] = float((eval_fn(network, Xv).argmax(axis=1) == yv).mean())
-        for key in history:
-            history[key].append(info.get(key, np.nan))
-        if verbose:
-            msg = ", ".join(f"{k}={v:.4g}" for k, v in info.items() if k != "epoch")
-            tqdm.write(f"epoch {epoch + 1}: {msg}")
-        if early_stopping and "val_accuracy" in info:
-            if info["val_accuracy"] > best[0] + tol:
-                best = (info["val_accuracy"], ([c.copy() for c in network.coefs],
-                                               [b.copy() for b in network.intercepts]))
-                no_improve = 0
-            else:
-                no_improve += 1
-                if no_improve >= n_iter_no_change:
+                        probs, cache = network.forward(Xb, backend, T)
+                except Exception as exc:
+                    where = save(epoch, s, order, tot_loss, correct, rng_state, bstate)
+                    bar.close()
+                    run_bar.close()
+                    raise _interrupted(exc, epoch, s, where) from exc
+                grads_w = [None] * L
+                grads_b = [None] * L
+                if fast is not None:
+                    loss_sum, ok, g = _fast_output_step(fast, network, bits, cur, yb, T,
+                                                        surrogate, slices[0], grads_w, grads_b)
+                    tot_loss += loss_sum
+                    correct += ok
+                else:
+                    loss, g = _mixture_grad(probs, yb)
+                    tot_loss += loss * nb
+                    correct += int((probs.mean(axis=1).argmax(axis=1) == yb).sum())
+                    hidden = cache["hidden"]
+                    for k in range(L - 1, 0, -1):
+                        grads_w[k] = hidden[k - 1].T @ g
+                        grads_b[k] = g.sum(axis=0)
+                        gh = g @ network.coefs[k].T
+                        cur = cache["currents"][k - 1]
+                        if k - 1 == 0 and T > 1:
+                            # First layer: currents are shared by the T samples of an input.
+                            gh = gh.reshape(nb, T, -1).sum(axis=1)
+                        if mul_inplace is not None and gh.dtype == np.float32 \
+                                and gh.flags.c_contiguous and cur.dtype == np.float32 \
+                                and cur.flags.c_contiguous:
+                            mul_inplace(gh, cur, slices[k - 1])
+                            g = gh
+                        else:
+                            g = gh * surrogate(cur, slices[k - 1])
+                    grads_b[0] = g.sum(axis=0)
+                if gw0 is not None and g.dtype == np.float32:
+                    grads_w[0] = np.matmul(Xb.T, g, out=gw0)
+                else:
+                    grads_w[0] = Xb.T @ g
+                # The L2 penalty is folded into the optimiser's single pass.
+                l2 = [alpha / nb] * L + [0.0] * L if alpha else None
+                optimizer.step(params, grads_w + grads_b, l2=l2)
+                run_bar.update(1)
+                if verbose or progress:
+                    post = f"{tot_loss / min(s + batch_size, n):.4f}"
+                    (run_bar if progress else bar).set_postfix(loss=post)
+            info = {"epoch": epoch + 1, "loss": tot_loss / n, "train_accuracy": correct / n,
+                    "seconds": time.perf_counter() - t0}
+            # Validation and callbacks can fail (a backend fault, a user's bug): the
+            # checkpoint then holds the epoch's training, to be evaluated on resume.
+            pre = (len(history["loss"]), best, no_improve, best_loss, no_improve_loss)
+            bstate = get_bstate()
+            try:
+                if validation is not None and eval_fn is not None:
+                    Xv, yv = validation
+                    info["val_accuracy"] = float((eval_fn(network, Xv).argmax(axis=1)
+                                                  == yv).mean())
+                for key in history:
+                    history[key].append(info.get(key, np.nan))
+                if verbose:
+                    msg = ", ".join(f"{k}={v:.4g}" for k, v in info.items() if k != "epoch")
+                    tqdm.write(f"epoch {epoch + 1}: {msg}")
+                if early_stopping and "val_accuracy" in info:
+                    if info["val_accuracy"] > best[0] + tol:
+                        best = (info["val_accuracy"], ([c.copy() for c in network.coefs],
+                                                       [b.copy() for b in network.intercepts]))
+                        no_improve = 0
+                    else:
+                        no_improve += 1
+                    stopped = no_improve > n_iter_no_change
+                if info["loss"] > best_loss - tol:
+                    no_improve_loss += 1
+                else:
+                    no_improve_loss = 0
+                best_loss = min(best_loss, info["loss"])
+                if loss_stopping and not early_stopping and no_improve_loss > n_iter_no_change:
                     stopped = True
-        if any(cb(epoch + 1, info, network) for cb in callbacks):
-            stopped = True
-        if checkpoint is not None:
+                if any([bool(cb(epoch + 1, info, network)) for cb in callbacks]):
+                    stopped = True
+            except Exception as exc:
+                n_hist, best, no_improve, best_loss, no_improve_loss = pre
+                for key in history:
+                    del history[key][n_hist:]
+                stopped = False
+                where = save(epoch, n, order, tot_loss, correct, rng_state, bstate)
+                run_bar.close()
+                raise _interrupted(exc, epoch, n, where) from exc
+            done = epoch + 1
             # End of epoch: the next epoch starts from a fresh permutation.
-            save_checkpoint(checkpoint, snapshot(epoch + 1, 0, np.zeros(0, np.int64), 0.0, 0,
-                                                 rng.bit_generator.state, get_bstate()))
-        if stopped:
-            break
+            save(epoch + 1, 0, np.zeros(0, np.int64), 0.0, 0, rng.bit_generator.state,
+                 get_bstate())
+            if stopped:
+                break
+    run_bar.close()
     if early_stopping and best[1] is not None:
         network.coefs[:] = best[1][0]
         network.intercepts[:] = best[1][1]
         params[:] = network.coefs + network.intercepts
-    return TrainResult(network, history, n_iter=epoch + 1, stopped_early=stopped), optimizer
+    stopped = stopped or bool(resume is not None and resume["meta"].get("stopped"))
+    return TrainResult(network, history, n_iter=done, stopped_early=stopped,
+                       best_loss=best_loss), optimizer
 
 
 def default_mapping(population):

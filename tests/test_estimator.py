@@ -55,15 +55,25 @@ def test_devices_argument_forms(digits, devices):
 def test_devices_argument_errors(digits):
     Xtr, _, ytr, _ = digits
     small = sotcore.DevicePopulation.from_width(20.0, 8, random_state=0)
-    with pytest.raises(ValueError, match="8 devices"):
-        SOTClassifier(hidden_layer_sizes=(16,), devices=small).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match=r"device_map\[3\] = 8"):
+        SOTClassifier(hidden_layer_sizes=(4,), devices=small,
+                      device_map=[0, 1, 2, 8]).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="16 neurons"):
+        SOTClassifier(hidden_layer_sizes=(16,), devices=small, device_map=[0, 1]).fit(Xtr, ytr)
     with pytest.raises(TypeError, match="devices must be"):
         SOTClassifier(devices="20um").fit(Xtr, ytr)
-    bare = InstrumentBackend(lambda c, d: np.zeros(c.shape), 16)
+    calls = []
+    bare = InstrumentBackend(lambda c, d: calls.append(1) or np.zeros(c.shape), 16)
+    for mode in ("hil", "ex-situ", "software"):
+        with pytest.raises(ValueError, match="nominal_device"):
+            SOTClassifier(hidden_layer_sizes=(16,), devices=bare, training=mode).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="needs device curves"):
+        SOTClassifier(hidden_layer_sizes=(16,), devices=bare, training="hardware-aware",
+                      nominal_device=(2e-3, 7e-5)).fit(Xtr, ytr)
     with pytest.raises(ValueError, match="nominal_device"):
-        SOTClassifier(hidden_layer_sizes=(16,), devices=bare).fit(Xtr, ytr)
-    with pytest.raises(ValueError, match="needs known device curves"):
-        SOTClassifier(hidden_layer_sizes=(16,), devices=bare, training="ex-situ").fit(Xtr, ytr)
+        SOTClassifier(hidden_layer_sizes=(16,), devices=bare,
+                      nominal_device=(2e-3, -1.0)).fit(Xtr, ytr)
+    assert not calls                      # nothing was pulsed before validation passed
     with pytest.raises(ValueError, match="calibration"):
         SOTClassifier(hidden_layer_sizes=(16,), devices=20.0, surrogate="calibrated",
                       max_iter=1).fit(Xtr, ytr)
