@@ -17,10 +17,13 @@ usage) or 1 (bad data or files), never a traceback.
 """
 import argparse
 import math
+import os
 import sys
 import warnings
 
-from .training import TrainingInterrupted
+import numpy as np
+
+from .exceptions import BackendError, TrainingInterrupted
 
 PROG = "sotcore-eval"
 
@@ -63,6 +66,8 @@ def build_parser():
                      "main job.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks (also SOTCORE_DEBUG=1)")
     job = parser.add_argument_group(
         "main job", "Train the modes (software, ex-situ, hardware-aware, hil with each "
         "surrogate) on one device population and print their test accuracy at T = 1, 8, 32. "
@@ -82,6 +87,11 @@ def build_parser():
                      help="comma-separated HIL surrogates (default all three)")
     job.add_argument("--samples", default="1,8,32", metavar="T,T,...",
                      help="inference sample counts (default 1,8,32)")
+    job.add_argument("--device-width", type=_number(float, low=0, low_open=True),
+                     metavar="UM", help="with --devices: use only the devices of this width")
+    _add_lab_options(job)
+    job.add_argument("--dry-run", action="store_true",
+                     help="print each run's pulses per device and hardware time, send no pulse")
     job.add_argument("--out", metavar="DIR", help="write results.json and PNG figures here")
     job.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -100,6 +110,7 @@ def build_parser():
     tr.add_argument("--devices", metavar="DEVICES.json")
     tr.add_argument("--samples", type=_number(int, low=1), default=32, help="T at inference")
     tr.add_argument("--seed", type=_number(int, low=0), default=0)
+    _add_lab_options(tr)
     tr.add_argument("--checkpoint", metavar="FILE", help="write training checkpoints here")
     tr.add_argument("--resume", metavar="FILE", help="continue the run in this checkpoint")
     tr.set_defaults(handler=_run_train)
@@ -203,6 +214,83 @@ DIGITS_PRESET = {"hidden": (200,), "params": {"max_iter": 30, "batch_size": 32}}
 MNIST_PRESET = {"hidden": (500,), "params": {"max_iter": 30, "batch_size": 100}}
 
 
+def _add_lab_options(group):
+    group.add_argument("--instrument", metavar="MODULE:FACTORY",
+                       help="run on your own device backend: an importable factory "
+                       "(e.g. mylab.setup:make_backend) called with no arguments that "
+                       "returns a sotcore backend such as InstrumentBackend")
+    group.add_argument("--nominal", metavar="I50,SCALE",
+                       help="first guess of the devices' curve in amperes (I50 any sign, "
+                       "scale > 0), for --instrument: the calibration sweep starts there")
+    group.add_argument("--max-current", type=_number(float), metavar="A",
+                       help="with --instrument: never pulse above this current (amperes)")
+    group.add_argument("--min-current", type=_number(float), metavar="A",
+                       help="with --instrument: never pulse below this current (amperes)")
+    group.add_argument("--device-map", choices=("round-robin",), default=None,
+                       help="neurons -> devices when there are fewer devices than neurons "
+                       "(default round-robin)")
+    group.add_argument("--mapping-unit", metavar="A|auto",
+                       help="amperes per network unit, or 'auto' (sotcore.suggest_mapping); "
+                       "default: the nominal scale (held at the 20 um value in width studies)")
+
+
+def _mapping_unit(text):
+    if text is None or text == "auto":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise _UsageError(f"--mapping-unit must be a number of amperes or 'auto', got "
+                          f"{text!r}") from None
+    if not (np.isfinite(v) and v > 0):
+        raise _UsageError(f"--mapping-unit must be > 0, got {text}")
+    return v
+
+
+def _instrument(args):
+    """(backend or None, nominal (i50, scale) or None) from --instrument/--nominal."""
+    nominal = None
+    if args.nominal:
+        vals = _csv_list(args.nominal, float, "--nominal")
+        if len(vals) != 2 or not all(np.isfinite(vals)) or not vals[1] > 0:
+            raise _UsageError(f"--nominal must be I50,SCALE in amperes with SCALE > 0, got "
+                              f"{args.nominal!r}")
+        nominal = (vals[0], vals[1])
+    if not args.instrument:
+        if args.nominal or args.max_current is not None or args.min_current is not None:
+            raise _UsageError("--nominal, --max-current and --min-current need --instrument")
+        return None, None
+    import importlib
+    mod, _, attr = args.instrument.partition(":")
+    if not mod or not attr:
+        raise _UsageError(f"--instrument must be MODULE:FACTORY, got {args.instrument!r}")
+    try:
+        factory = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as exc:
+        raise _UsageError(f"--instrument {args.instrument}: cannot import it ({exc})") from None
+    backend = factory()
+    if not (hasattr(backend, "pulse") and hasattr(backend, "n_devices")):
+        raise _UsageError(f"--instrument {args.instrument} returned "
+                          f"{type(backend).__name__}, not a device backend")
+    if nominal is None and getattr(backend, "device_curves", lambda: None)() is None:
+        raise _UsageError("--instrument: this backend does not describe its devices; give "
+                          "--nominal I50,SCALE (a first guess, amperes)")
+    return backend, nominal
+
+
+def _measure(backend, nominal, args):
+    """Calibrate the instrument's devices by pulse sweeps (printed, with progress)."""
+    from .characterize import calibrate_backend
+    from .training import nominal_curve
+    if nominal is None:
+        nominal = nominal_curve(backend.device_curves())
+    kw = {k: v for k, v in (("max_current", args.max_current),
+                            ("min_current", args.min_current)) if v is not None}
+    res = calibrate_backend(backend, nominal, progress=not getattr(args, "quiet", False), **kw)
+    print(f"{PROG}: calibrated {backend.n_devices} device(s) through the instrument")
+    return res.population
+
+
 def _add_data_options(group):
     group.add_argument("--data", metavar="DIR", help="directory of MNIST-format IDX files "
                        "(train-images-idx3-ubyte[.gz] or train5k-..., t10k-...); default: "
@@ -250,22 +338,34 @@ def _csv_list(text, kind, what):
     return out
 
 
-def _load_population(path, n_needed):
+def _load_population(path, n_needed, width=None):
+    """The devices of a population file the network uses, and a line saying which."""
     from .devices import DevicePopulation
     pop = DevicePopulation.load(path)
+    if width is not None:
+        sel = np.flatnonzero(np.isclose(pop.width, width))
+        if sel.size == 0:
+            have = sorted({float(w) for w in pop.width[np.isfinite(pop.width)]})
+            raise ValueError(f"{path} has no devices of width {width:g} um (widths: "
+                             f"{', '.join(f'{w:g}' for w in have) or 'none recorded'})")
+        pop = pop[sel]
+    used = min(len(pop), n_needed)
+    note = (f"devices 0..{used - 1} of {len(pop)} in {path}"
+            + (f" (width {width:g} um)" if width is not None else ""))
     if len(pop) < n_needed:
-        raise ValueError(f"{path} holds {len(pop)} devices but the network needs {n_needed} "
-                         f"(use --hidden {len(pop)} or a larger population)")
-    return pop
+        note += f"; {n_needed} neurons share them round-robin"
+    return (pop if len(pop) <= n_needed else pop[:n_needed]), note
 
 
 def run_main_job(args):
-    """The main job: the training modes side by side on one emulated population."""
+    """The main job: the training modes side by side on one population or instrument."""
     import json
     from pathlib import Path
 
     from .backends import EmulatedBackend
     from .characterize import calibrate_backend
+    from .devices import DevicePopulation
+    from .estimator import DEFAULT_WIDTH_UM, SOTClassifier
     from .experiments import compare_modes, format_table, summarize
     from .training import SURROGATES, nominal_curve
     surrogates = _csv_list(args.surrogates, str, "--surrogates")
@@ -276,27 +376,68 @@ def run_main_job(args):
     Ts = _csv_list(args.samples, int, "--samples")
     if min(Ts) < 1:
         raise _UsageError("--samples must be positive")
+    if args.device_width is not None and not args.devices:
+        raise _UsageError("--device-width needs --devices")
+    if args.instrument and (args.devices or len(args.width) > 1):
+        raise _UsageError("--instrument runs on the instrument's devices: drop --devices and "
+                          "--width")
+    unit = _mapping_unit(args.mapping_unit)
+    backend, nominal = _instrument(args)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         _check_writable(out / "results.json")
     Xtr, ytr, Xte, yte, name, hidden, params = _load_data(args)
-    population = _load_population(args.devices, sum(hidden)) if args.devices else None
-    widths = [None] if population is not None else args.width
+    if args.device_map:
+        params["device_map"] = args.device_map
+    population, source = None, None
+    if args.devices:
+        population, source = _load_population(args.devices, sum(hidden), args.device_width)
+    widths = [None] if population is not None or backend is not None else args.width
+    if unit is None and len(widths) > 1:
+        # A width study compares devices in one network: hold the mapping fixed (a
+        # width-scaled mapping makes every width the same problem in network units).
+        unit = nominal_curve(DevicePopulation.from_width(DEFAULT_WIDTH_UM, 1))[1]
+        print(f"{PROG}: width study: mapping held at {unit:.4g} A per network unit (the "
+              f"{DEFAULT_WIDTH_UM:g} um nominal scale) for every width; set --mapping-unit "
+              "to change it")
+    if unit is not None:
+        params["mapping_unit"] = unit
 
-    def calib(pop, seed):
+    def calib(devices, seed):
+        if backend is not None:
+            return measured
         # Measured through an emulator of the devices by pulse sweeps, then fitted.
-        res = calibrate_backend(EmulatedBackend(pop, random_state=10_000 + seed),
-                                nominal_curve(pop), progress=False)
+        res = calibrate_backend(EmulatedBackend(devices, random_state=10_000 + seed),
+                                nominal_curve(devices), progress=False)
         return res.population
-    print(f"{PROG}: {name}; hidden layers {list(hidden)}; "
-          f"{'devices from ' + args.devices if population is not None else ''}"
-          f"{'' if population is not None else 'width ' + ', '.join(map(str, widths)) + ' um, '}"
-          f"{'' if population is not None else f'variability {args.variability:.0%}'}; "
-          f"{args.seeds} seed(s)")
+    if backend is not None:
+        where = f"instrument {args.instrument} ({backend.n_devices} devices)"
+    elif population is not None:
+        where = source
+    else:
+        where = (f"width {', '.join(map(str, widths))} um, variability "
+                 f"{args.variability:.0%}")
+    print(f"{PROG}: {name}; hidden layers {list(hidden)}; {where}; {args.seeds} seed(s)")
+    if args.dry_run:
+        runs = [("software", "nominal"), ("ex-situ", "nominal"),
+                ("hardware-aware", "nominal")] + [("hil", s) for s in surrogates]
+        devices = backend if backend is not None else population if population is not None \
+            else float(widths[0])
+        extra = {"nominal_device": nominal} if nominal is not None else {}
+        if backend is not None and nominal is not None:
+            extra["calibration"] = DevicePopulation(np.full(backend.n_devices, nominal[0]),
+                                                    np.full(backend.n_devices, nominal[1]))
+        for mode, sur in runs:
+            est = SOTClassifier(hidden_layer_sizes=hidden, devices=devices, training=mode,
+                                surrogate=sur, **params, **extra)
+            cost = est.estimate_cost(Xtr, n_score=len(Xte))
+            print(f"\n{mode}{' (' + sur + ')' if mode == 'hil' else ''}, per seed:\n{cost}")
+        return 0
+    measured = _measure(backend, nominal, args) if backend is not None else None
     records = []
     for w in widths:
-        recs = compare_modes(Xtr, ytr, Xte, yte, population=population,
+        recs = compare_modes(Xtr, ytr, Xte, yte, population=population, backend=backend,
                              width=w if w is not None else 20.0, variability=args.variability,
                              hidden_layer_sizes=hidden, surrogates=surrogates, n_samples=Ts,
                              seeds=range(args.seeds), calibration=calib,
@@ -308,9 +449,11 @@ def run_main_job(args):
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(
-            {"data": name, "hidden": list(hidden), "estimator_params": params,
+            {"data": name, "hidden": list(hidden), "devices": where,
+             "estimator_params": {k: v for k, v in params.items()},
              "records": records, "summary": summarize(records),
-             "note": "emulated devices from assumed model constants"}, indent=1))
+             "note": "instrument" if backend is not None else
+             "emulated devices from assumed model constants"}, indent=1, default=str))
         written = ["results.json"]
         try:
             from .plotting import (plot_accuracy_vs_T, plot_accuracy_vs_width,
@@ -331,10 +474,28 @@ def run_main_job(args):
 def _run_train(args):
     from .estimator import SOTClassifier
     _check_writable(args.output)
+    unit = _mapping_unit(args.mapping_unit)
+    backend, nominal = _instrument(args)
     Xtr, ytr, Xte, yte, name, hidden, params = _load_data(args)
-    devices = _load_population(args.devices, sum(hidden)) if args.devices else args.width
+    if args.device_map:
+        params["device_map"] = args.device_map
+    if unit is not None:
+        params["mapping_unit"] = unit
+    if backend is not None:
+        if args.devices:
+            raise _UsageError("--instrument runs on the instrument's devices: drop --devices")
+        devices = backend
+    elif args.devices:
+        devices, source = _load_population(args.devices, sum(hidden))
+        print(f"{PROG}: using {source}")
+    else:
+        devices = args.width
     calibration = None
-    if args.surrogate == "calibrated" and args.training == "hil":
+    needs = args.training == "hardware-aware" or (args.training == "hil"
+                                                  and args.surrogate == "calibrated")
+    if backend is not None and (needs or nominal is not None):
+        calibration = _measure(backend, nominal, args)
+    elif needs and args.training == "hil":
         from .backends import EmulatedBackend
         from .characterize import calibrate_backend
         from .devices import DevicePopulation
@@ -478,6 +639,8 @@ def _describe(exc):
 
 def main(argv=None):
     """Run ``sotcore-eval`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("SOTCORE_DEBUG", "") not in ("", "0")
     try:
         parser = build_parser()
         try:
@@ -489,12 +652,19 @@ def main(argv=None):
             return run_main_job(args)
         return handler(args)
     except _UsageError as exc:
+        if debug:
+            raise
         _message("error", exc)
         return 2
-    except TrainingInterrupted as exc:
+    except (TrainingInterrupted, BackendError) as exc:
+        if debug:
+            raise
         _message("error", exc)
         return 3
     except (ValueError, TypeError, OSError, ImportError) as exc:
+        # User errors (bad files, options, data) are one line; --debug shows where.
+        if debug:
+            raise
         _message("error", _describe(exc))
         return 1
     except KeyboardInterrupt:

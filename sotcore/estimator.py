@@ -479,6 +479,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                                  * len(self.loss_curve_), "seconds": [np.nan]
                                  * len(self.loss_curve_)}}
         counts0 = self._device_counts()
+        emulated_pulses = np.zeros(self.device_map_.n_devices, np.int64)
         stages = self._stages(incremental)
         for k, (mode, epochs) in enumerate(stages):
             rng_seed = int(self._seeds[3]) + (0 if state is None else state["epoch"])
@@ -507,6 +508,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                 extra_meta={"seeds": [int(v) for v in self._seeds],
                             "params": self._checkpoint_params(), "stage": k})
             resume = None
+            if mode == "hil" and self._user_backend is None:
+                emulated_pulses += train_backend.pulse_counts
             state = {"network": result.network, "optimizer": optimizer,
                      "epoch": result.n_iter, "history": result.history}
             self.best_loss_ = result.best_loss
@@ -524,7 +527,9 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         self.n_layers_ = len(hidden) + 2
         self.n_outputs_ = n_classes
         self.n_hidden_ = tuple(hidden)
-        self.pulses_ = self._device_counts() - counts0
+        # Pulses sent to the physical devices: counted by a user backend itself
+        # (training and validation), else the emulated HIL training pulses.
+        self.pulses_ = self._device_counts() - counts0 + emulated_pulses
         return self
 
     def _stages(self, incremental):

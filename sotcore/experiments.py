@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .devices import DevicePopulation
 from .estimator import SOTClassifier
+from .training import MODES
 
 __all__ = ["compare_modes", "summarize", "format_table", "RUN_LABELS"]
 
@@ -23,8 +24,8 @@ def _label(mode, surrogate):
     return RUN_LABELS[(mode, surrogate)] if mode == "hil" else RUN_LABELS[mode]
 
 
-def compare_modes(X_train, y_train, X_test, y_test, *, population=None, width=20.0,
-                  variability=0.10, hidden_layer_sizes=(500,),
+def compare_modes(X_train, y_train, X_test, y_test, *, population=None, backend=None,
+                  width=20.0, variability=0.10, hidden_layer_sizes=(500,),
                   modes=("software", "ex-situ", "hardware-aware", "hil"),
                   surrogates=("nominal",), n_samples=(1, 8, 32), seeds=(0,),
                   calibration=None, estimator_params=None, progress=True, on_record=None):
@@ -35,10 +36,20 @@ def compare_modes(X_train, y_train, X_test, y_test, *, population=None, width=20
     population : DevicePopulation or None
         The devices (the same for every seed).  None: drawn per seed from the
         default model at ``width`` (um) with ``variability``.
+    backend : device backend, callable or None
+        A user backend (e.g. an :class:`~sotcore.InstrumentBackend` around the
+        lab's instrument), or ``f(seed) -> backend``.  Every mode then runs on
+        it: software on ideal nominal neurons, ex-situ and hardware-aware
+        predict through it, HIL trains through it.  Needs ``calibration``
+        (for the nominal device, hardware-aware and the calibrated surrogate)
+        or ``estimator_params["nominal_device"]``.
     surrogates : sequence of {"nominal", "calibrated", "straight-through"}
-        HIL runs, one per surrogate.  ``calibrated`` needs ``calibration``: a
-        DevicePopulation, or a callable ``f(population, seed) -> population``
-        (e.g. a measured calibration of the devices).
+        HIL runs, one per surrogate.
+    calibration : DevicePopulation, callable or None
+        Measured curves of the devices, or ``f(devices, seed) -> population``
+        (``devices``: the population, or the backend), e.g. a
+        :func:`~sotcore.calibrate_backend` measurement.  Needed by
+        ``hardware-aware`` and ``calibrated`` on a backend.
     n_samples : sequence of int
         Inference sample counts T at which each trained network is scored.
     estimator_params : dict
@@ -50,61 +61,74 @@ def compare_modes(X_train, y_train, X_test, y_test, *, population=None, width=20
     -------
     list of dict with keys ``run`` (label), ``mode``, ``surrogate``, ``seed``,
     ``T``, ``accuracy``, ``train_seconds``, ``epochs``, ``seconds_per_epoch``,
-    ``loss_curve``, ``width``, ``variability``.
+    ``loss_curve``, ``width``, ``variability``, ``pulses_per_device``.
+
+    ``ex-situ`` is trained as its own estimator (``training="ex-situ"``):
+    its weights are bit-identical to the software run's, and it predicts
+    through the devices.
     """
     params = dict(estimator_params or {})
     hidden = tuple(hidden_layer_sizes)
     n_dev = sum(hidden)
-    runs = []
-    if "software" in modes or "ex-situ" in modes:
-        runs.append(("software", "nominal"))
-    if "hardware-aware" in modes:
-        runs.append(("hardware-aware", "nominal"))
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    runs = [(m, "nominal") for m in ("software", "ex-situ", "hardware-aware") if m in modes]
     if "hil" in modes:
         runs.extend(("hil", s) for s in surrogates)
-    unknown = set(modes) - {"software", "ex-situ", "hardware-aware", "hil"}
-    if unknown:
-        raise ValueError(f"unknown mode(s) {sorted(unknown)}")
     records = []
     bar = tqdm(total=len(runs) * len(seeds), desc="training runs", disable=not progress,
                unit="run")
     for seed in seeds:
-        pop = population if population is not None else DevicePopulation.from_width(
-            width, n_dev, variability=variability, random_state=seed)
-        pop_width = float(np.nanmedian(pop.width)) if np.isfinite(pop.width).any() else None
+        if backend is not None:
+            devices = backend(seed) if callable(backend) and not hasattr(backend, "pulse") \
+                else backend
+            curves = devices.device_curves() if hasattr(devices, "device_curves") else None
+        else:
+            devices = population if population is not None else DevicePopulation.from_width(
+                width, n_dev, variability=variability, random_state=seed)
+            curves = devices
+        calib = None
+        need_calib = any(m == "hardware-aware" or s == "calibrated" for m, s in runs) or (
+            backend is not None and curves is None and "nominal_device" not in params)
+        if calibration is not None and (need_calib or backend is not None):
+            calib = calibration(devices, seed) if callable(calibration) else calibration
+        elif need_calib and backend is not None:
+            raise ValueError("a backend that does not describe its devices needs "
+                             "calibration= (e.g. a calibrate_backend measurement)")
+        pop_width = None
+        if curves is not None and np.isfinite(curves.width).any():
+            pop_width = float(np.nanmedian(curves.width))
         for mode, surrogate in runs:
             kw = dict(params)
-            if surrogate == "calibrated":
-                if calibration is None:
-                    raise ValueError("the calibrated surrogate needs calibration=")
-                kw["calibration"] = calibration(pop, seed) if callable(calibration) \
-                    else calibration
+            if calib is not None and (mode == "hardware-aware" or surrogate == "calibrated"
+                                      or backend is not None):
+                kw["calibration"] = calib
+            elif surrogate == "calibrated" and calibration is None:
+                raise ValueError("the calibrated surrogate needs calibration=")
             bar.set_postfix_str(f"seed {seed}: {_label(mode, surrogate)}")
-            clf = SOTClassifier(hidden_layer_sizes=hidden, devices=pop, training=mode,
+            clf = SOTClassifier(hidden_layer_sizes=hidden, devices=devices, training=mode,
                                 surrogate=surrogate, random_state=seed, **kw)
             t0 = time.perf_counter()
             clf.fit(X_train, y_train)
             seconds = time.perf_counter() - t0
-            evals = [(mode, surrogate)]
-            if mode == "software":
-                evals = [(m, "nominal") for m in ("software", "ex-situ") if m in modes]
-            for emode, esur in evals:
-                clf.set_params(training=emode)  # evaluation devices follow the mode
-                for T in n_samples:
-                    clf.set_params(n_samples=int(T))
-                    rec = {"run": _label(emode, esur), "mode": emode,
-                           "surrogate": esur if emode == "hil" else None, "seed": int(seed),
-                           "T": int(T), "accuracy": float(clf.score(X_test, y_test)),
-                           "train_seconds": seconds, "epochs": int(clf.n_iter_),
-                           "seconds_per_epoch": seconds / max(clf.n_iter_, 1),
-                           "loss_curve": [float(v) for v in clf.loss_curve_],
-                           "width": pop_width, "variability": variability
-                           if population is None else pop.meta.get("model", {}).get(
-                               "variability"),
-                           "n_hidden": list(hidden)}
-                    records.append(rec)
-                    if on_record is not None:
-                        on_record(rec)
+            for T in n_samples:
+                clf.set_params(n_samples=int(T))
+                rec = {"run": _label(mode, surrogate), "mode": mode,
+                       "surrogate": surrogate if mode == "hil" else None, "seed": int(seed),
+                       "T": int(T), "accuracy": float(clf.score(X_test, y_test)),
+                       "train_seconds": seconds, "epochs": int(clf.n_iter_),
+                       "seconds_per_epoch": seconds / max(clf.n_iter_, 1),
+                       "loss_curve": [float(v) for v in clf.loss_curve_],
+                       "width": pop_width, "variability": variability
+                       if population is None and backend is None else
+                       (curves.meta.get("model", {}).get("variability")
+                        if curves is not None else None),
+                       "n_hidden": list(hidden),
+                       "pulses_per_device": int(clf.pulses_.max()) if clf.pulses_.size else 0}
+                records.append(rec)
+                if on_record is not None:
+                    on_record(rec)
             bar.update(1)
     bar.close()
     return records
