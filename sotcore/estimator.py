@@ -33,6 +33,11 @@ MODEL_VERSION = 1
 #: default model's nominal device at this width (an ASSUMPTION, see devices.py).
 DEFAULT_WIDTH_UM = 20.0
 
+#: What early-stopping validation evaluates on, per training stage: ex-situ is
+#: exactly the software run; hardware-aware training stays offline.
+_VALIDATE_ON = {"software": "nominal", "ex-situ": "nominal", "hardware-aware": "curves",
+                "hil": "devices"}
+
 #: ``fit`` warns when a device's I50 lies more than this many network units from
 #: the nominal I50 where the hidden biases start (see ``_warn_far_devices``).
 FAR_UNITS = 10.0
@@ -421,6 +426,9 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         After :meth:`load`, continues from the loaded weights (with a fresh
         optimiser state: the model file does not hold Adam's moments).
         """
+        # scikit-learn skips validation on later partial_fit calls; parameters can
+        # change between calls (set_params), so validate every time.
+        self._validate_params()
         if not hasattr(self, "coefs_"):
             if classes is None:
                 raise ValueError("classes must be passed on the first call to partial_fit")
@@ -489,13 +497,15 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                 surrogate=surrogate, mapping=self.mapping_,
                 hidden_bias=(i50n - self.mapping_.offset) / self.mapping_.unit,
                 device_map=self.device_map_,
-                train_samples=self.train_samples, max_iter=epochs,
-                batch_size=min(self.batch_size, len(Xt)), learning_rate=self.learning_rate_init,
-                alpha=self.alpha, solver=self.solver, momentum=self.momentum,
+                train_samples=int(self.train_samples), max_iter=int(epochs),
+                batch_size=int(min(self.batch_size, len(Xt))),
+                learning_rate=float(self.learning_rate_init), alpha=float(self.alpha),
+                solver=self.solver, momentum=float(self.momentum),
                 validation=validation, early_stopping=self.early_stopping and not incremental,
-                n_iter_no_change=self.n_iter_no_change, tol=self.tol,
+                n_iter_no_change=int(self.n_iter_no_change), tol=float(self.tol),
                 loss_stopping=not incremental,
-                eval_fn=lambda net, Xv: self._proba(net, Xv, progress=False),
+                eval_fn=lambda net, Xv, mode=mode: self._proba(net, Xv, progress=False,
+                                                               target=_VALIDATE_ON[mode]),
                 random_state=rng_seed, verbose=bool(self.verbose),
                 progress=self._show_progress() and mode == "hil",
                 callbacks=tuple(self.callbacks or ()),
@@ -626,41 +636,40 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             n_val = int(np.ceil(n * self.validation_fraction))
             n_train = n - n_val
         hil_ep = sum(e for m, e in stages if m == "hil")
-        val_ep = sum(e for m, e in stages) if self.training != "software" else 0
-        per_neuron_fit = hil_ep * n_train * self.train_samples + \
-            (val_ep * n_val * self.n_samples if self.training != "software" else 0)
+        val_ep = hil_ep            # validation pulses the devices in HIL stages only
+        per_neuron_fit = hil_ep * n_train * self.train_samples + val_ep * n_val * self.n_samples
         per_neuron_score = 0 if self.training == "software" else n_score * self.n_samples
-        batch = min(self.batch_size, max(n_train, 1))
+        batch = int(min(self.batch_size, max(n_train, 1)))
+        accepts = getattr(backend, "accepts_repeated_devices", False)
+        timed = backend is not None and hasattr(backend, "request_time")
+        max_batch = int(getattr(backend, "max_batch", 0) or 0)
 
-        def requests_and_time(rows_per_call, calls, per_neuron):
-            if per_neuron == 0:
-                return 0, 0.0 if backend is not None and hasattr(backend, "request_time") \
-                    else None
-            reqs, secs = 0, 0.0
+        def cost_of(row_counts):
+            """(instrument calls, hardware seconds) of pulsing every layer for each
+            entry of ``row_counts`` (rows per network-level request)."""
+            calls, secs = 0, 0.0
             for sl in _layer_slices(hidden):
                 plan = dmap.plan(sl)
-                groups = [(g.shape[0], d.size) for g, d in plan.groups] if not (
-                    plan.distinct or getattr(backend, "accepts_repeated_devices", False)) \
-                    else [(1, sl.stop - sl.start)]
+                groups = [(1, sl.stop - sl.start)] if plan.distinct or accepts else \
+                    [(g.shape[0], d.size) for g, d in plan.groups]
                 for q, m in groups:
-                    reqs += calls
-                    if backend is not None and hasattr(backend, "request_time"):
-                        secs += calls * backend.request_time(rows_per_call * q, m)
-            has_time = backend is not None and hasattr(backend, "request_time")
-            return reqs, (secs if has_time else None)
+                    for r in row_counts:
+                        calls += -(-(r * q) // max_batch) if max_batch else 1
+                        if timed:
+                            secs += backend.request_time(r * q, m)
+            return calls, (secs if timed else None)
 
-        fit_calls = hil_ep * -(-n_train // batch)
-        fit_req, fit_time = requests_and_time(batch * self.train_samples, fit_calls,
-                                              hil_ep * n_train * self.train_samples)
-        if n_val and val_ep:
-            vb = max(1, 2 ** 19 // (self.n_samples * max(hidden)))
-            v_req, v_time = requests_and_time(min(vb, n_val) * self.n_samples,
-                                              val_ep * -(-n_val // vb), 1)
-            fit_req += v_req
-            fit_time = None if fit_time is None or v_time is None else fit_time + v_time
-        sb = max(1, 2 ** 19 // (self.n_samples * max(hidden)))
-        sc_req, sc_time = requests_and_time(min(sb, max(n_score, 1)) * self.n_samples,
-                                            -(-n_score // sb), per_neuron_score)
+        def blocks(n_rows, size):
+            return [size] * (n_rows // size) + ([n_rows % size] if n_rows % size else [])
+        T, Ts = int(self.n_samples), int(self.train_samples)
+        fit_rows = [r * Ts for r in blocks(n_train, batch)] * hil_ep
+        pb = max(1, 2 ** 19 // (T * max(hidden)))        # predict's block (network.py)
+        if n_val:
+            fit_rows += [r * T for r in blocks(n_val, pb)] * val_ep
+        score_rows = [] if self.training == "software" else \
+            [r * T for r in blocks(n_score, pb)]
+        fit_req, fit_time = cost_of(fit_rows)
+        sc_req, sc_time = cost_of(score_rows)
         return CostEstimate(
             fit_pulses=dmap.pulses_per_device(per_neuron_fit),
             score_pulses=dmap.pulses_per_device(per_neuron_score),
@@ -669,23 +678,28 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             n_devices=dmap.n_devices, n_score=n_score)
 
     # -- predict --------------------------------------------------------------------------
-    def _eval_backend(self):
-        if self._eval_on == "nominal":
-            return EmulatedBackend(self._nominal_pop, int(self._seeds[1]) ^ EVAL_SALT,
-                                   self.n_threads)
+    def _eval_backend(self, target):
+        seed = int(self._seeds[1]) ^ EVAL_SALT
+        if target == "nominal":
+            return EmulatedBackend(self._nominal_pop, seed, self.n_threads)
+        if target == "curves":
+            return EmulatedBackend(self._known_curves(), seed, self.n_threads)
         if self._user_backend is not None:
             return self._user_backend
-        return EmulatedBackend(self.devices_, int(self._seeds[1]) ^ EVAL_SALT, self.n_threads)
+        return EmulatedBackend(self.devices_, seed, self.n_threads)
 
-    def _proba(self, network, X, progress=None):
+    def _proba(self, network, X, progress=None, target=None):
+        """Probabilities on ``target`` ("nominal", "curves", "devices"; default: what
+        this model predicts on, fixed at fit time)."""
+        target = self._eval_on if target is None else target
         # Inference noise keyed by each input's content (and the model's seed):
         # a row's prediction never depends on the rest of the batch.
         keys = _RowKeys(int(self._seeds[1]) % 2**32, X.shape[1])
         show = self._show_progress() if progress is None else progress
         # Backend faults arrive as BackendError (DeviceMap's request plan wraps them).
-        return network.predict_proba(X, self._eval_backend(), self.n_samples,
+        return network.predict_proba(X, self._eval_backend(target), self.n_samples,
                                      n_threads=self.n_threads, row_keys=keys,
-                                     progress=show and self._eval_on == "devices")
+                                     progress=show and target == "devices")
 
     def predict_proba(self, X):
         """Class probabilities: the softmax averaged over ``n_samples`` stochastic passes."""
@@ -746,7 +760,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         blob = buf.getvalue()
-        params = {k: v for k, v in self.get_params().items()
+        params = {k: _jsonable(v) for k, v in self.get_params().items()
                   if k not in ("devices", "calibration", "random_state", "callbacks",
                                "checkpoint")}
         params["hidden_layer_sizes"] = self._hidden_sizes()

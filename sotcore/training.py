@@ -639,7 +639,7 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                 run_bar.update(1)
                 if verbose or progress:
                     post = f"{tot_loss / min(s + batch_size, n):.4f}"
-                    (run_bar if progress else bar).set_postfix(loss=post)
+                    (run_bar if progress else bar).set_postfix(loss=post, refresh=False)
             info = {"epoch": epoch + 1, "loss": tot_loss / n, "train_accuracy": correct / n,
                     "seconds": time.perf_counter() - t0}
             # Validation and callbacks can fail (a backend fault, a user's bug): the
