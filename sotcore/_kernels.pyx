@@ -56,6 +56,13 @@ def omp_max_threads():
     return sot_omp_max_threads()
 
 
+def _index_probe(const double[::1] a, Py_ssize_t i):
+    """``a[i]`` unchecked, as every kernel indexes: a bounds-checked build
+    (SOTCORE_BOUNDSCHECK=1) raises IndexError for ``i`` outside ``a``.  For the
+    test of that build only; never call it out of range on a normal build."""
+    return a[i]
+
+
 def stream_key(uint64_t seed, uint64_t stream):
     """The 64-bit key of stream ``stream`` under ``seed`` (for tests)."""
     return sot_stream_key(seed, stream)
