@@ -273,8 +273,8 @@ def _npy_header(fh, source, name):
     return tuple(int(s) for s in shape), dtype
 
 
-def read_npz(path, *, expected=None, required=None, max_bytes=MAX_ARRAY_BYTES, what="file",
-             checksum=None):
+def read_npz(path, *, expected=None, required=None, members=None, max_bytes=MAX_ARRAY_BYTES,
+             what="file"):
     """Read the arrays of an untrusted ``.npz`` archive with bounded memory.
 
     Before any array is allocated, each member's declared uncompressed size
@@ -292,8 +292,9 @@ def read_npz(path, *, expected=None, required=None, max_bytes=MAX_ARRAY_BYTES, w
         match the layer sizes).
     required : iterable of str, optional
         Member names (without ``.npy``) that must be present.
-    checksum : hashlib object, optional
-        Updated with each member's name and raw bytes, in name order.
+    members : iterable of str, optional
+        Read only these members (the others are checked for a valid name
+        but not read).
 
     Returns
     -------
@@ -317,8 +318,8 @@ def read_npz(path, *, expected=None, required=None, max_bytes=MAX_ARRAY_BYTES, w
                 zf = zipfile.ZipFile(fobj)
             except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
                     struct.error) as exc:
-                raise _fail(source, f"not a readable .npz archive ({exc}); truncated or not "
-                            f"a {what}") from None
+                raise _fail(source, f"unreadable {what} (not an .npz archive: {exc}); "
+                            f"truncated or not a {what}") from None
             with zf:
                 infos = zf.infolist()
                 if len(infos) > MAX_NPZ_MEMBERS:
@@ -331,21 +332,21 @@ def read_npz(path, *, expected=None, required=None, max_bytes=MAX_ARRAY_BYTES, w
                     name = info.filename[:-4] if info.filename.endswith(".npy") else None
                     if name is None:
                         raise _fail(source, f"unexpected member {info.filename[:60]!r}")
-                    out[name] = _read_member(zf, info, name, source, expected, max_bytes,
-                                             checksum)
+                    if members is None or name in members:
+                        out[name] = _read_member(zf, info, name, source, expected, max_bytes)
     except InvalidInputError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
             NotImplementedError, RuntimeError, zlib.error, struct.error) as exc:
-        raise _fail(source, f"corrupt .npz archive ({type(exc).__name__}: {exc}); truncated "
-                    f"or not a {what}") from None
+        raise _fail(source, f"unreadable {what} (corrupt .npz archive, {type(exc).__name__}: "
+                    f"{exc}); truncated or not a {what}") from None
     missing = sorted(set(required or ()) - set(out))
     if missing:
         raise _fail(source, f"missing array(s) {', '.join(missing[:5])}")
     return out
 
 
-def _read_member(zf, info, name, source, expected, max_bytes, checksum):
+def _read_member(zf, info, name, source, expected, max_bytes):
     if info.flag_bits & 0x1:
         raise _fail(source, f"member {name!r} is encrypted")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
@@ -373,15 +374,12 @@ def _read_member(zf, info, name, source, expected, max_bytes, checksum):
         raw = fh.read(nbytes)
         if len(raw) != nbytes:
             raise _fail(source, f"member {name!r} is truncated")
-    if checksum is not None:
-        checksum.update(name.encode() + b"\0" + str(shape).encode() + dtype.str.encode())
-        checksum.update(raw)
     arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
 def array_digest(arrays):
-    """SHA-256 (hex) of named arrays, as :func:`read_npz` computes it while reading."""
+    """SHA-256 (hex) over named arrays: names, shapes, dtypes and bytes, in name order."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
