@@ -116,7 +116,15 @@ def read_bytes(path, *, max_bytes, what="file"):
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
+            # In pieces: read(n) would allocate n bytes up front, whatever the file holds.
+            parts, size = [], 0
+            while size <= max_bytes:
+                part = fh.read(min(1 << 20, max_bytes + 1 - size))
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+            data = b"".join(parts)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     except IsADirectoryError:

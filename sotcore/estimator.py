@@ -563,6 +563,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         est = cls(**params)
         try:
             est._validate_params()
+            for k, v in params.items():   # sklearn's Integral intervals let True through
+                allowed = [c for c in cls._parameter_constraints.get(k, ())
+                           if c in ("boolean", "verbose", bool)]
+                if isinstance(v, bool) and not allowed:
+                    raise ValueError(f"parameter {k!r} must not be a boolean, got {v}")
             hidden = est._hidden_sizes()
             if est.nominal_device is not None:
                 nd = np.asarray(est.nominal_device, dtype=float)
