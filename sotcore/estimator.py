@@ -494,6 +494,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             current = old.get("weights", {}).get("slot")
         except (ValueError, OSError, AttributeError):
             pass
+        if not isinstance(current, str):
+            current = None
         slot = "b" if current == "a" else "a"
         meta = {
             "format": MODEL_FORMAT, "version": MODEL_VERSION, "sotcore_version": __version__,
@@ -636,7 +638,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         if not isinstance(w, dict) or set(w) != {"slot", "sha256", "n_layers"}:
             raise bad("field 'weights' must be {slot, sha256, n_layers}")
         slots = cls._weights_files(path)
-        if w["slot"] not in slots:
+        if not isinstance(w["slot"], str) or w["slot"] not in slots:
             raise bad("field 'weights.slot' must be 'a' or 'b'")
         if ci(w["n_layers"], path, "weights.n_layers", 1, 1000) != L:
             raise bad(f"field 'weights.n_layers' is {w['n_layers']} but the layer sizes "

@@ -269,7 +269,8 @@ FIELD_EDITS = [
     (("loss_curve",), ["x"], "loss_curve"),
     (("n_iter",), -1, "n_iter"),
     (("devices", "i50"), [1.0], "devices"),
-    (("devices", "table_points"), 2**20, "devices"),
+    (("devices", "table_span"), 1e-300, "devices"),
+    (("devices", "width"), [None] * 5 + [-1.0], "devices"),
     (("extra_field",), 1, "unknown field"),
 ]
 
