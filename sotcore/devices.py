@@ -469,9 +469,10 @@ class DevicePopulation:
             b = -lo * a
             for arr in (lo, hi, thr, a, b):
                 arr.setflags(write=False)
-            self._table_cache = {"lo": lo, "hi": hi, "thr": thr,
-                                 np.float64: (a, b),
-                                 np.float32: (a.astype(np.float32), b.astype(np.float32))}
+            with np.errstate(over="ignore"):     # unused where float32 cannot resolve
+                ab32 = (a.astype(np.float32), b.astype(np.float32))
+            self._table_cache = {"lo": lo, "hi": hi, "thr": thr, np.float64: (a, b),
+                                 np.float32: ab32}
         c = self._table_cache
         return c["lo"], c["hi"], c["thr"]
 

@@ -425,6 +425,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
     _MAX_ABS_WEIGHT = 1e6
     #: Largest layer (neurons or features) a model file may declare.
     _MAX_LAYER = 1 << 24
+    #: Most inference samples a model file may ask for (each costs a full pass).
+    _MAX_FILE_SAMPLES = 1 << 16
 
     @staticmethod
     def _weights_files(path):
@@ -577,6 +579,9 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                     raise ValueError("nominal_device must be (i50, scale), both > 0")
         except (ValueError, TypeError) as exc:
             raise bad(f"field 'params': {exc}") from None
+        if est.n_samples > cls._MAX_FILE_SAMPLES:
+            raise bad(f"field 'params.n_samples' is {est.n_samples} (a model file may ask for "
+                      f"at most {cls._MAX_FILE_SAMPLES} samples per prediction)")
         # -- fitted state
         n_features = ci(meta["n_features_in"], path, "n_features_in", 1, cls._MAX_LAYER)
         if any(h > cls._MAX_LAYER for h in hidden):
@@ -692,11 +697,15 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         est._label_encoder = LabelEncoder().fit(classes)
         if backend is None:
             # Nothing loads that cannot predict: one probe row through the real path.
+            # One sample is enough to exercise every layer and device.
+            est.n_samples, n_samples = 1, est.n_samples
             try:
                 probe = est.predict_proba(np.zeros((1, n_features), np.float32))
             except Exception as exc:     # noqa: BLE001 -- any failure means a bad file
                 raise bad(f"the model cannot predict ({type(exc).__name__}: {exc}); its "
                           "fields are inconsistent") from None
+            finally:
+                est.n_samples = n_samples
             if not np.isfinite(probe).all():
                 raise bad("the model predicts non-finite probabilities")
         return est

@@ -472,3 +472,38 @@ def test_sample_counters_and_threads_are_checked(pop20, kw, match):
         pop20.sample(np.tile(pop20.i50, (2, 1)), random_state=0, **kw)
     assert pop20.sample(np.tile(pop20.i50, (2, 1)), random_state=0,
                         stream=np.int64(3)).shape == (2, 64)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70)
+                     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c,
+                                                                         max_size=3),
+                     max_leaves=5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(field=st.sampled_from(["i50", "scale", "p_lo", "p_hi", "width", "n_devices",
+                              "table_points", "table_span", "meta", "tables", "version",
+                              "format"]),
+       index=st.integers(0, 5) | st.none(), value=_JSON)
+def test_population_loader_on_fieldwise_edits(tmp_path_factory, field, index, value):
+    """Any field (or one element of it) replaced by any JSON value: a usable
+    population whose sampling follows probability(), or one InvalidInputError."""
+    from sotcore.exceptions import InvalidInputError
+    d = DevicePopulation.from_width(10.0, 6, random_state=0).to_dict()
+    if index is not None and isinstance(d.get(field), list):
+        d[field][index] = value
+    else:
+        d[field] = value
+    p = tmp_path_factory.mktemp("popf") / "p.json"
+    p.write_text(json.dumps(d))
+    try:
+        pop = DevicePopulation.load(p)
+    except InvalidInputError as exc:
+        assert str(p) in str(exc)
+        return
+    I = np.tile(pop.i50, (2000, 1))
+    P = pop.probability(I[:1])[0]
+    f = pop.sample(I, random_state=0).mean(axis=0)
+    # 6 binomial sigma at P (<= 0.5 / sqrt(2000)) plus the table error
+    assert (np.abs(f - P) <= 6 * 0.5 / np.sqrt(2000) + 2e-3).all()

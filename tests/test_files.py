@@ -244,6 +244,8 @@ FIELD_EDITS = [
     (("params", "n_samples"), 1.5, "n_samples"),
     (("params", "n_samples"), "32", "n_samples"),
     (("params", "n_samples"), True, "n_samples"),
+    (("params", "n_samples"), 10**9, "n_samples"),
+    (("params", "n_threads"), 2**31, "n_threads|cannot predict"),
     (("params", "hidden_layer_sizes"), [6.5], "hidden_layer_sizes"),
     (("params", "hidden_layer_sizes"), [2**40], "hidden_layer_sizes"),
     (("params", "checkpoint"), "/tmp/elsewhere.npz", "checkpoint"),
