@@ -32,10 +32,11 @@ __all__ = ["atomic_write", "read_bytes", "read_json", "read_npz", "npz_bytes", "
            "check_int", "check_float", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_ARRAY_BYTES",
            "MAX_NPZ_MEMBERS"]
 
-#: Largest JSON file read (bytes).  ASSUMPTION: 256 MiB is far above any
-#: population or model description written here (a 100,000-device
-#: population with tables is ~30 MiB).
-MAX_JSON_BYTES = 256 << 20
+#: Largest JSON file read (bytes).  ASSUMPTION: 64 MiB is far above any
+#: population or model description written here (10,000 devices with
+#: 1,024-point tables are ~20 MiB).  Decoding costs at most ~8x the file
+#: size (one Python float per 4-byte number), so <= ~512 MiB.
+MAX_JSON_BYTES = 64 << 20
 #: Deepest nesting of JSON arrays/objects accepted (ours use <= 6).
 MAX_JSON_DEPTH = 64
 #: Largest array (bytes) a ``.npz`` member may declare.  ASSUMPTION: 1 GiB

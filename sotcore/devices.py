@@ -8,7 +8,6 @@ and its *programming window* (P from 0.1 to 0.9 of the sigmoid part) is
 ``W = 2 ln(9) * scale``.  See shared/DESIGN.md.
 """
 import copy
-import json
 import math
 import numbers
 from pathlib import Path
@@ -50,8 +49,8 @@ DEFAULT_TABLE_SPAN = 10.0
 MAX_TABLE_POINTS = 1 << 20
 MAX_TABLE_CELLS = 1 << 26
 MAX_TABLE_SPAN = 1e6
-#: Largest population file read (bytes).
-MAX_POPULATION_FILE_BYTES = 256 << 20
+#: Largest population file read (bytes; see ``_io.MAX_JSON_BYTES``).
+MAX_POPULATION_FILE_BYTES = _io.MAX_JSON_BYTES
 
 FORMAT_NAME = "sotcore.population"
 FORMAT_VERSION = 1
@@ -605,7 +604,7 @@ class DevicePopulation:
                 raise bad("field 'tables': devices and probs must be lists (probs of rows)")
             G = len(probs[0]) if probs else 0
             if len(probs) * G > MAX_TABLE_CELLS or G > MAX_TABLE_POINTS:
-                raise bad(f"field 'tables.probs' is larger than the table limit")
+                raise bad("field 'tables.probs' is larger than the table limit")
             kwargs["tables"] = (tables["grid_lo"], tables["grid_hi"], probs)
             kwargs["table_devices"] = np.asarray(
                 [_io.check_int(v, source, "tables.devices", 0, n - 1) for v in devs] or

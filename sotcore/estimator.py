@@ -1,6 +1,5 @@
 """SOTClassifier: a scikit-learn classifier whose hidden neurons are SOT devices."""
 import hashlib
-import io
 import json
 import numbers
 import os

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import sotcore
 from sotcore import _io
 from sotcore.estimator import SOTClassifier
 from sotcore.exceptions import InvalidInputError
