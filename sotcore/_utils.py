@@ -6,6 +6,22 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from . import _kernels
+from .exceptions import InvalidInputError
+
+
+#: Largest |n_threads| accepted (the kernels take a C int; more threads than
+#: this is a mistake, not a machine).
+MAX_THREADS = 4096
+
+
+def check_counter(value, name):
+    """A stream/row counter: an integer in [0, 2**64) (ValueError otherwise, no truncation)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
+    value = int(value)
+    if not 0 <= value < 2**64:
+        raise InvalidInputError(f"{name} must be in [0, 2**64), got {value}")
+    return value
 
 
 def effective_n_threads(n_threads=None):
@@ -23,6 +39,9 @@ def effective_n_threads(n_threads=None):
         n_threads = int(n_threads)
         if n_threads == 0:
             raise ValueError("n_threads must not be 0 (use None for the default)")
+        if abs(n_threads) > MAX_THREADS:
+            raise ValueError(f"n_threads must be in [-{MAX_THREADS}, {MAX_THREADS}], "
+                             f"got {n_threads}")
         if n_threads < 0:
             n = max((os.cpu_count() or 1) + 1 + n_threads, 1)
         else:
@@ -64,6 +83,8 @@ def as_float_array(x, name, *, ndim=None, dtype=np.float64, allow_float32=False,
     if arr.dtype == object:
         try:
             arr = arr.astype(np.float64)
+        except OverflowError:       # Python ints beyond float64 (e.g. 10**400)
+            raise ValueError(f"{name} has a value too large for float64") from None
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be numeric, got objects that are not numbers") from None
     kind = arr.dtype.kind

@@ -1,10 +1,14 @@
 """Data loaders: MNIST-format IDX files and scikit-learn's embedded digits."""
 import gzip
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .exceptions import InvalidInputError
 
 __all__ = ["read_idx", "load_mnist", "load_digits", "find_mnist_dir"]
 
@@ -17,35 +21,58 @@ _MNIST_NAMES = {
 }
 
 
-def read_idx(path):
+#: Largest IDX payload read (bytes).  ASSUMPTION: 1 GiB, 20x the full MNIST
+#: training images (47 MB); larger headers are refused before reading.
+MAX_IDX_BYTES = 1 << 30
+#: Deflate cannot expand more than ~1032:1, so a gzip file of n bytes holds
+#: at most this many times n.
+_MAX_GZIP_RATIO = 1100
+
+
+def read_idx(path, *, max_bytes=MAX_IDX_BYTES):
     """Read one IDX file (gzip-compressed or raw) into a NumPy array.
 
-    Raises ``ValueError`` naming the file if the header is not IDX or the
-    data are truncated or too long.
+    The header's declared size is checked against ``max_bytes`` and against
+    what the file (or its compressed bytes) can hold before anything is
+    allocated, so a gzip bomb costs no memory.  Raises ``InvalidInputError``
+    (a ValueError) naming the file if the header is not IDX or the data are
+    truncated or too long.
     """
     path = Path(path)
+
+    def bad(msg):
+        return InvalidInputError(f"{path}: {msg}")
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(2)
-        opener = gzip.open if head == b"\x1f\x8b" else open
-        with opener(path, "rb") as fh:
-            data = fh.read()
+            gz = fh.read(2) == b"\x1f\x8b"
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            head = fh.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise bad("not an IDX file (bad magic number)")
+            ndim = head[3]
+            dims = fh.read(4 * ndim)
+            if ndim == 0 or len(dims) < 4 * ndim:
+                raise bad("IDX header truncated")
+            shape = struct.unpack(">" + "I" * ndim, dims)
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            expected = math.prod(shape) * dtype.itemsize       # Python ints: exact
+            room = size * _MAX_GZIP_RATIO if gz else size - 4 - 4 * ndim
+            if expected > max_bytes:
+                raise bad(f"IDX header {tuple(shape)} declares {expected} bytes (limit "
+                          f"{max_bytes})")
+            if expected > room:
+                raise bad(f"IDX header {tuple(shape)} needs {expected} bytes but the file can "
+                          f"hold at most {room}; the file is truncated or corrupt")
+            body = fh.read(expected)
+            extra = fh.read(1)
     except FileNotFoundError:
         raise FileNotFoundError(f"IDX file not found: {path}") from None
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"{path}: cannot read ({exc}); the file may be truncated") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
-    ndim = data[3]
-    if ndim == 0 or len(data) < 4 + 4 * ndim:
-        raise ValueError(f"{path}: IDX header truncated")
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    body = data[4 + 4 * ndim:]
-    if len(body) != expected:
-        raise ValueError(f"{path}: IDX data hold {len(body)} bytes but the header "
-                         f"{tuple(shape)} needs {expected}; the file is truncated or corrupt")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise bad(f"cannot read ({exc}); the file may be truncated") from None
+    if len(body) != expected or extra:
+        raise bad(f"IDX data hold {len(body)}{'+' if extra else ''} bytes but the header "
+                  f"{tuple(shape)} needs {expected}; the file is truncated or corrupt")
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -109,11 +136,14 @@ def load_mnist(directory=None, split="train", *, max_samples=None):
                                 f"{', '.join(n + '[.gz]' for n in _MNIST_NAMES[split])})")
     images = read_idx(img)
     labels = read_idx(lab)
+    if images.dtype != np.uint8 or labels.dtype.kind not in "iu":
+        raise InvalidInputError(f"{img}: expected uint8 images and integer labels, got "
+                                f"{images.dtype} and {labels.dtype}")
     if images.ndim != 3 or labels.ndim != 1:
-        raise ValueError(f"{img}: expected images (n, rows, cols) and labels (n,), got "
+        raise InvalidInputError(f"{img}: expected images (n, rows, cols) and labels (n,), got "
                          f"{images.shape} and {labels.shape}")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{img} holds {images.shape[0]} images but {lab} "
+        raise InvalidInputError(f"{img} holds {images.shape[0]} images but {lab} "
                          f"{labels.shape[0]} labels")
     if max_samples is not None:
         images, labels = images[:max_samples], labels[:max_samples]

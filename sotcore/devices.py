@@ -7,18 +7,19 @@ A device switches under a current pulse ``I`` (amperes) with probability
 and its *programming window* (P from 0.1 to 0.9 of the sigmoid part) is
 ``W = 2 ln(9) * scale``.  See shared/DESIGN.md.
 """
-import json
+import copy
 import math
 import numbers
-import os
 from pathlib import Path
 
 import numpy as np
 from scipy.special import expit
 
 from . import _kernels
-from ._utils import (as_float_array, as_per_device, effective_n_threads,
+from . import _io
+from ._utils import (as_float_array, as_per_device, check_counter, effective_n_threads,
                      seed_from_random_state)
+from .exceptions import InvalidInputError
 
 __all__ = ["DevicePopulation", "switching_probability", "WINDOW_PER_SCALE",
            "DEFAULT_I50_PER_UM", "DEFAULT_WINDOW_FRACTION"]
@@ -43,6 +44,14 @@ DEFAULT_WINDOW_FRACTION = 0.15
 DEFAULT_TABLE_POINTS = 1024
 DEFAULT_TABLE_SPAN = 10.0
 
+#: Limits on sampling tables: grid points per device, total entries (uint32,
+#: so 2**26 entries = 256 MiB) and the sigmoid grid half-span in scales.
+MAX_TABLE_POINTS = 1 << 20
+MAX_TABLE_CELLS = 1 << 26
+MAX_TABLE_SPAN = 1e6
+#: Largest population file read (bytes; see ``_io.MAX_JSON_BYTES``).
+MAX_POPULATION_FILE_BYTES = _io.MAX_JSON_BYTES
+
 FORMAT_NAME = "sotcore.population"
 FORMAT_VERSION = 1
 
@@ -60,6 +69,22 @@ def _lognormal_factor(rng, cv, size):
         return np.ones(size)
     sigma = math.sqrt(math.log1p(cv * cv))
     return rng.lognormal(mean=-0.5 * sigma * sigma, sigma=sigma, size=size)
+
+
+def _as_width(width, n):
+    """Widths in um: a scalar or one per device, each > 0 or NaN (unknown)."""
+    if width is None:
+        return np.full(n, np.nan)
+    w = as_float_array(width, "width", ndim=(0, 1), finite=False)
+    w = np.full(n, float(w)) if w.ndim == 0 else w.copy()
+    if w.shape[0] != n:
+        raise ValueError(f"width must be a scalar or have {n} entries (one per device), "
+                         f"got {w.shape[0]}")
+    bad = ~(np.isnan(w) | (np.isfinite(w) & (w > 0)))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"width must be > 0 (or NaN: unknown), got {w[i]} for device {i}")
+    return w
 
 
 def _check_scalar(x, name, *, low=None, high=None, low_open=False, integer=False):
@@ -114,27 +139,35 @@ class DevicePopulation:
         n = i50.shape[0]
         if n == 0:
             raise ValueError("a DevicePopulation needs at least one device (i50 is empty)")
-        self.i50 = i50.copy()
-        self.scale = as_per_device(scale, "scale", n, positive=True)
-        self.p_lo = as_per_device(p_lo, "p_lo", n, low=0.0, high=1.0)
-        self.p_hi = as_per_device(p_hi, "p_hi", n, low=0.0, high=1.0)
-        w = np.asarray(width, dtype=np.float64) if np.ndim(width) == 0 else width
-        if np.ndim(w) == 0 and np.isnan(w):
-            self.width = np.full(n, np.nan)
-        else:
-            self.width = as_per_device(width, "width", n, positive=True)
-        self.table_points = _check_scalar(table_points, "table_points", low=2, integer=True)
-        if self.table_points > 1 << 20:
-            raise ValueError(f"table_points must be <= {1 << 20}, got {self.table_points}")
-        self.table_span = _check_scalar(table_span, "table_span", low=0, low_open=True)
-        self.meta = dict(meta) if meta else {}
+        self._i50 = i50.copy()
+        self._scale = as_per_device(scale, "scale", n, positive=True)
+        self._p_lo = as_per_device(p_lo, "p_lo", n, low=0.0, high=1.0)
+        self._p_hi = as_per_device(p_hi, "p_hi", n, low=0.0, high=1.0)
+        self._width = _as_width(width, n)
+        self._table_points = _check_scalar(table_points, "table_points", low=2, integer=True)
+        if self._table_points > MAX_TABLE_POINTS:
+            raise ValueError(f"table_points must be <= {MAX_TABLE_POINTS}, "
+                             f"got {self._table_points}")
+        self._table_span = _check_scalar(table_span, "table_span", low=0, low_open=True,
+                                         high=MAX_TABLE_SPAN)
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+        self._meta = copy.deepcopy(dict(meta)) if meta else {}
         self._nonparam = np.zeros(n, dtype=bool)
         self._np_lo = np.zeros(0)
         self._np_hi = np.zeros(0)
-        self._np_prob = np.zeros((0, self.table_points))
+        self._np_prob = np.zeros((0, self._table_points))
         self._np_index = np.full(n, -1, dtype=np.intp)
         if tables is not None:
             self._set_tables(tables, table_devices)
+        if n * self._table_points > MAX_TABLE_CELLS:
+            raise ValueError(f"{n} devices x table_points {self._table_points} exceed the "
+                             f"sampling-table limit of {MAX_TABLE_CELLS} entries")
+        self._f32_ok = self._check_grids()
+        # Immutable value object: read-only arrays keep the cached table valid.
+        for arr in (self._i50, self._scale, self._p_lo, self._p_hi, self._width,
+                    self._nonparam, self._np_lo, self._np_hi, self._np_prob, self._np_index):
+            arr.setflags(write=False)
         self._table_cache = None
 
     # -- construction -----------------------------------------------------------------
@@ -148,6 +181,8 @@ class DevicePopulation:
         k, G = probs.shape
         if G < 2:
             raise ValueError(f"tables probs needs at least 2 grid points per device, got {G}")
+        if G > MAX_TABLE_POINTS:
+            raise ValueError(f"tables probs has {G} grid points (limit {MAX_TABLE_POINTS})")
         if table_devices is None:
             idx = np.arange(n)
         else:
@@ -166,12 +201,53 @@ class DevicePopulation:
             raise ValueError("tables grid_hi must be > grid_lo for every device")
         if probs.size and (probs.min() < 0 or probs.max() > 1):
             raise ValueError("tables probs must lie in [0, 1]")
-        self.table_points = G
+        self._table_points = G
         self._nonparam[:] = False
         self._nonparam[idx] = True
         self._np_index[:] = -1
         self._np_index[idx] = np.arange(k)
         self._np_lo, self._np_hi, self._np_prob = glo, ghi, probs.copy()
+
+    def _grid(self):
+        """(lo, hi) of every device's sampling grid, amperes (fresh arrays)."""
+        lo = self._i50 - self._table_span * self._scale
+        hi = self._i50 + self._table_span * self._scale
+        if self._nonparam.any():
+            cols = np.flatnonzero(self._nonparam)
+            lo[cols] = self._np_lo[self._np_index[cols]]
+            hi[cols] = self._np_hi[self._np_index[cols]]
+        return lo, hi
+
+    def _check_grids(self):
+        """Refuse devices whose grid float64 cannot resolve; True if float32 can too.
+
+        The sampler maps a current to the grid coordinate ``x = I a + b``
+        (computing ``4096 a`` and ``4096 b``, so both must stay <= 1e300).
+        With a grid step below ``2**-40`` of the currents' magnitude (e.g. a
+        1e-200 A scale at a mA bias, or a 1e-300 table span) ``x`` is noise
+        and the samples would not follow ``probability()``: such a device is
+        refused.  float32 currents keep ~2**-24 relative precision, so they
+        are sampled in float64 unless every step is above ``2**-12`` of the
+        magnitude (then x is off by < 2**-12 grid steps).
+        """
+        lo, hi = self._grid()
+        G = self._table_points
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            step = (hi - lo) / (G - 1)
+            a = 1.0 / step
+            b = -lo * a
+            mag = np.maximum(np.abs(lo), np.abs(hi))
+            # The kernel scales a and b by 4096: keep them far from overflow.
+            ok = (np.isfinite(lo) & np.isfinite(hi) & (hi > lo) & (np.abs(a) <= 1e300)
+                  & (np.abs(b) <= 1e300) & np.isfinite(step) & (step >= mag * 2.0**-40))
+        if not ok.all():
+            j = int(np.argmin(ok))
+            raise ValueError(
+                f"device {j}: its sampling grid [{lo[j]:.6g}, {hi[j]:.6g}] A cannot be "
+                f"resolved in float64 (scale {self._scale[j]:.3g} A at i50 {self._i50[j]:.3g} A, "
+                f"table_span {self._table_span:g}); sampling would not follow probability()")
+        return bool((step >= mag * 2.0**-12).all() and (np.abs(a) < 1e30).all()
+                    and (np.abs(b) < 1e30).all())
 
     @classmethod
     def from_width(cls, width_um, n_devices, variability=0.10, *, window_variability=None,
@@ -232,7 +308,7 @@ class DevicePopulation:
         return self.i50.shape[0]
 
     def __repr__(self):
-        w = self.width[np.isfinite(self.width)]
+        w = self._width[np.isfinite(self._width)]
         ws = f", width={np.median(w):.3g} um" if w.size else ""
         return (f"DevicePopulation(n_devices={len(self)}{ws}, "
                 f"i50={np.median(self.i50) * 1e3:.4g} mA (median), "
@@ -246,16 +322,54 @@ class DevicePopulation:
         idx = np.atleast_1d(idx)
         if idx.size == 0:
             raise ValueError("a sub-population must keep at least one device")
-        sub = DevicePopulation(self.i50[idx], self.scale[idx], self.p_lo[idx], self.p_hi[idx],
-                               self.width[idx] if np.isfinite(self.width[idx]).all() else np.nan,
-                               table_points=self.table_points, table_span=self.table_span,
-                               meta=self.meta)
         npi = self._np_index[idx]
         keep = npi >= 0
-        if keep.any():
-            sub._set_tables((self._np_lo[npi[keep]], self._np_hi[npi[keep]],
-                             self._np_prob[npi[keep]]), np.flatnonzero(keep))
-        return sub
+        tables = ((self._np_lo[npi[keep]], self._np_hi[npi[keep]], self._np_prob[npi[keep]])
+                  if keep.any() else None)
+        return DevicePopulation(self._i50[idx], self._scale[idx], self._p_lo[idx],
+                                self._p_hi[idx], self._width[idx], tables=tables,
+                                table_devices=np.flatnonzero(keep) if keep.any() else None,
+                                table_points=self._table_points, table_span=self._table_span,
+                                meta=self._meta)
+
+    def replace(self, **changes):
+        """A new population with some of ``i50, scale, p_lo, p_hi, width,
+        table_points, table_span, meta`` changed (populations are immutable).
+
+        Measured tables are kept unless ``tables``/``table_devices`` are given.
+        """
+        allowed = {"i50", "scale", "p_lo", "p_hi", "width", "table_points", "table_span",
+                   "meta", "tables", "table_devices"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise TypeError(f"replace() got unknown field(s) {', '.join(unknown)}")
+        kw = {"i50": self._i50, "scale": self._scale, "p_lo": self._p_lo, "p_hi": self._p_hi,
+              "width": self._width, "table_points": self._table_points,
+              "table_span": self._table_span, "meta": self._meta}
+        if self._nonparam.any() and "tables" not in changes:
+            cols = np.flatnonzero(self._nonparam)
+            k = self._np_index[cols]
+            kw["tables"] = (self._np_lo[k], self._np_hi[k], self._np_prob[k])
+            kw["table_devices"] = cols
+        kw.update(changes)
+        return DevicePopulation(kw.pop("i50"), kw.pop("scale"), kw.pop("p_lo"), kw.pop("p_hi"),
+                                kw.pop("width"), **kw)
+
+    # Read-only views: a population never changes after construction.
+    i50 = property(lambda self: self._i50, doc="Bias current per device, amperes (read-only).")
+    scale = property(lambda self: self._scale, doc="Sigmoid scale per device, amperes.")
+    p_lo = property(lambda self: self._p_lo, doc="Switching probability far below i50.")
+    p_hi = property(lambda self: self._p_hi, doc="Switching probability far above i50.")
+    width = property(lambda self: self._width, doc="Width per device, um (NaN: unknown).")
+    table_points = property(lambda self: self._table_points,
+                            doc="Grid points of each device's sampling table.")
+    table_span = property(lambda self: self._table_span,
+                          doc="Half-width of sigmoid devices' grids, in scales.")
+
+    @property
+    def meta(self):
+        """Free-form metadata (a copy: changing it does not change the population)."""
+        return copy.deepcopy(self._meta)
 
     @property
     def n_devices(self):
@@ -333,28 +447,31 @@ class DevicePopulation:
             P = 1 samples as 1 - 2**-32).
         """
         if self._table_cache is None:
-            n, G = len(self), self.table_points
-            lo = self.i50 - self.table_span * self.scale
-            hi = self.i50 + self.table_span * self.scale
-            if self._nonparam.any():
-                cols = np.flatnonzero(self._nonparam)
-                lo[cols] = self._np_lo[self._np_index[cols]]
-                hi[cols] = self._np_hi[self._np_index[cols]]
-            grid = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, G)[None, :]
-            prob = switching_probability(grid, self.i50[:, None], self.scale[:, None],
-                                         self.p_lo[:, None], self.p_hi[:, None])
-            if self._nonparam.any():
-                prob[cols] = self._np_prob[self._np_index[cols]]
-            thr = np.minimum(np.rint(prob * _TWO32), _TWO32 - 1).astype(np.uint32)
+            n, G = len(self), self._table_points
+            lo, hi = self._grid()
+            thr = np.empty((n, G), dtype=np.uint32)
+            u = np.linspace(0.0, 1.0, G)[None, :]
+            # In blocks of devices: float64 temporaries stay ~8 MiB at any size.
+            rows = max(1, (1 << 20) // G)
+            for s0 in range(0, n, rows):
+                sl = slice(s0, min(n, s0 + rows))
+                grid = lo[sl, None] + (hi - lo)[sl, None] * u
+                prob = switching_probability(grid, self._i50[sl, None], self._scale[sl, None],
+                                             self._p_lo[sl, None], self._p_hi[sl, None])
+                npi = self._np_index[sl]
+                if (npi >= 0).any():
+                    prob[npi >= 0] = self._np_prob[npi[npi >= 0]]
+                np.minimum(np.rint(prob * _TWO32), _TWO32 - 1, out=prob)
+                thr[sl] = prob
             # Per-device affine map from amperes to grid coordinates.
             a = (G - 1) / (hi - lo)
             b = -lo * a
             for arr in (lo, hi, thr, a, b):
                 arr.setflags(write=False)
-            assert thr.shape == (n, G)
-            self._table_cache = {"lo": lo, "hi": hi, "thr": thr,
-                                 np.float64: (a, b),
-                                 np.float32: (a.astype(np.float32), b.astype(np.float32))}
+            with np.errstate(over="ignore"):     # unused where float32 cannot resolve
+                ab32 = (a.astype(np.float32), b.astype(np.float32))
+            self._table_cache = {"lo": lo, "hi": hi, "thr": thr, np.float64: (a, b),
+                                 np.float32: ab32}
         c = self._table_cache
         return c["lo"], c["hi"], c["thr"]
 
@@ -409,6 +526,10 @@ class DevicePopulation:
         Raises ValueError (naming the first bad element) if a current is not
         finite; ``row_keys`` (uint64, one per row) keys each row's draws.
         """
+        stream = check_counter(stream, "stream")
+        row_offset = check_counter(row_offset, "row_offset")
+        if arr.dtype == np.float32 and not self._f32_ok:
+            arr = arr.astype(np.float64)      # float32 cannot resolve this grid (see _check_grids)
         thr = self.table()[2]
         a, b = self._table_cache[arr.dtype.type]
         if out is None:
@@ -441,64 +562,75 @@ class DevicePopulation:
 
     @classmethod
     def from_dict(cls, d, *, source="population"):
-        """Inverse of ``to_dict``; ``source`` names the origin in error messages."""
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        if d.get("format") != FORMAT_NAME:
-            raise ValueError(f"{source}: not a sotcore population file "
-                             f"(format is {d.get('format')!r}, expected {FORMAT_NAME!r})")
-        version = d.get("version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"{source}: missing or invalid format version {version!r}")
-        if version > FORMAT_VERSION:
-            raise ValueError(f"{source}: population format version {version} is newer than "
-                             f"this sotcore reads (<= {FORMAT_VERSION}); upgrade sotcore")
+        """Inverse of ``to_dict``; ``source`` names the origin in error messages.
+
+        Every field is checked (type, length, range); a problem raises
+        ``InvalidInputError`` naming ``source`` and the field.
+        """
+        _io.check_format(d, source, FORMAT_NAME, FORMAT_VERSION, "sotcore population file")
+
+        def bad(msg):
+            return InvalidInputError(f"{source}: {msg}")
         missing = [k for k in ("i50", "scale", "p_lo", "p_hi", "width") if k not in d]
         if missing:
-            raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
-        n = d.get("n_devices")
+            raise bad(f"missing field(s) {', '.join(missing)}")
+        n = len(d["i50"]) if isinstance(d["i50"], list) else None
+        for k in ("i50", "scale", "p_lo", "p_hi", "width"):
+            v = d[k]
+            if not isinstance(v, list) or len(v) != n or not all(
+                    (isinstance(x, (int, float)) and not isinstance(x, bool))
+                    or (x is None and k == "width") for x in v):
+                raise bad(f"field {k!r} must be a list of {n if n is not None else 'n'} "
+                          "numbers (one per device)")
+        if d.get("n_devices") is not None:
+            _io.check_int(d["n_devices"], source, "n_devices", n, n)
+        tp = _io.check_int(d.get("table_points", DEFAULT_TABLE_POINTS), source, "table_points",
+                           2, MAX_TABLE_POINTS)
+        ts = _io.check_float(d.get("table_span", DEFAULT_TABLE_SPAN), source, "table_span", 0,
+                             MAX_TABLE_SPAN, low_open=True)
+        meta = d.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise bad("field 'meta' must be an object or null")
+        kwargs = {}
+        tables = d.get("tables")
+        if tables is not None:
+            if not isinstance(tables, dict) or not {"devices", "grid_lo", "grid_hi",
+                                                    "probs"} <= set(tables):
+                raise bad("field 'tables' must be an object with devices, grid_lo, grid_hi "
+                          "and probs")
+            devs, probs = tables["devices"], tables["probs"]
+            if not isinstance(devs, list) or not isinstance(probs, list) \
+                    or not all(isinstance(r, list) for r in probs):
+                raise bad("field 'tables': devices and probs must be lists (probs of rows)")
+            G = len(probs[0]) if probs else 0
+            if len(probs) * G > MAX_TABLE_CELLS or G > MAX_TABLE_POINTS:
+                raise bad("field 'tables.probs' is larger than the table limit")
+            kwargs["tables"] = (tables["grid_lo"], tables["grid_hi"], probs)
+            kwargs["table_devices"] = np.asarray(
+                [_io.check_int(v, source, "tables.devices", 0, n - 1) for v in devs] or
+                np.zeros(0, np.intp), dtype=np.intp)
+        width = np.array([np.nan if w is None else w for w in d["width"]], dtype=np.float64)
         try:
-            width = np.array([np.nan if w is None else w for w in d["width"]], dtype=np.float64)
-            width = np.nan if np.isnan(width).any() else width
-            tables = d.get("tables")
-            kwargs = {}
-            if tables is not None:
-                kwargs["tables"] = (tables["grid_lo"], tables["grid_hi"], tables["probs"])
-                kwargs["table_devices"] = np.asarray(tables["devices"], dtype=np.intp)
-            pop = cls(d["i50"], d["scale"], d["p_lo"], d["p_hi"], width,
-                      table_points=d.get("table_points", DEFAULT_TABLE_POINTS),
-                      table_span=d.get("table_span", DEFAULT_TABLE_SPAN),
-                      meta=d.get("meta") or {}, **kwargs)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{source}: invalid population data: {exc}") from None
-        if n is not None and n != len(pop):
-            raise ValueError(f"{source}: n_devices is {n} but the arrays hold {len(pop)} devices")
+            pop = cls(d["i50"], d["scale"], d["p_lo"], d["p_hi"], width, table_points=tp,
+                      table_span=ts, meta=meta, **kwargs)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise bad(f"invalid population data: {exc}") from None
         return pop
 
     def save(self, path):
-        """Write the population to a versioned JSON file (no pickle)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, allow_nan=False)
-        os.replace(tmp, path)
-        return path
+        """Write the population to a versioned JSON file (no pickle), atomically."""
+        return _io.atomic_write(Path(path), _io.json_bytes(self.to_dict()))
 
     @classmethod
     def load(cls, path):
-        """Read a population written by ``save``; never executes code from the file."""
+        """Read a population written by ``save``; never executes code from the file.
+
+        The file is untrusted: size (``MAX_POPULATION_FILE_BYTES``), nesting
+        depth and every field are checked; problems raise ``InvalidInputError``
+        naming the file and the field.
+        """
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"population file not found: {path}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a text (JSON) file") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
-                             f"column {exc.colno}); the file may be truncated") from None
+        d = _io.read_json(path, what="population file", max_bytes=MAX_POPULATION_FILE_BYTES)
         return cls.from_dict(d, source=str(path))
 
 
@@ -578,6 +710,6 @@ class DeviceAging:
         dead = np.asarray(pulses) >= draws["fail_at"]
         p_lo = np.where(dead, draws["level"], p_lo)
         p_hi = np.where(dead, draws["level"], p_hi)
-        w = base.width if np.isfinite(base.width).all() else np.nan
-        return DevicePopulation(i50, scale, p_lo, p_hi, w, table_points=base.table_points,
-                                table_span=base.table_span, meta=base.meta)
+        return DevicePopulation(i50, scale, p_lo, p_hi, base.width,
+                                table_points=base.table_points, table_span=base.table_span,
+                                meta=base.meta)

@@ -1,6 +1,5 @@
 """SOTClassifier: a scikit-learn classifier whose hidden neurons are SOT devices."""
 import hashlib
-import io
 import json
 import numbers
 import os
@@ -15,11 +14,12 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _kernels
+from . import _io, _kernels
 from ._fused import EVAL_SALT
 from ._utils import seed_from_random_state
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
+from .exceptions import InvalidInputError
 from .network import CurrentMapping, DeviceMap
 from .training import (MODES, SURROGATES, make_surrogate, nominal_curve, suggest_mapping,
                        train_network)
@@ -27,7 +27,7 @@ from .training import (MODES, SURROGATES, make_surrogate, nominal_curve, suggest
 __all__ = ["SOTClassifier", "CostEstimate"]
 
 MODEL_FORMAT = "sotcore.model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 
 #: Width (um) of the devices drawn when ``devices=None``: ideal copies of the
 #: default model's nominal device at this width (an ASSUMPTION, see devices.py).
@@ -45,15 +45,6 @@ FAR_UNITS = 10.0
 
 def _is_backend(obj):
     return hasattr(obj, "pulse") and hasattr(obj, "n_devices")
-
-
-def _jsonable(v):
-    """Parameters as JSON values: NumPy scalars and arrays, tuples -> Python types."""
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (np.ndarray, tuple, list)):
-        return [_jsonable(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
-    return v
 
 
 class _RowKeys:
@@ -417,7 +408,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                 "momentum", "early_stopping", "validation_fraction", "n_iter_no_change", "tol",
                 "mapping_unit", "mapping_offset", "device_map", "pretrain", "hil_epochs")
         p = self.get_params()
-        return json.loads(json.dumps({k: _jsonable(p[k]) for k in keep}))
+        return json.loads(json.dumps({k: self._param_to_json(k, p[k]) for k in keep}))
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y, classes=None):
@@ -742,117 +733,294 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         self._eval_on = "nominal" if self.training == "software" else "devices"
         self.n_hidden_ = tuple(hidden)
 
+    #: Parameters not saved: objects (devices are saved as their population,
+    #: callbacks are code) and file-system paths (a model never names a path
+    #: that a later run writes to).
+    _UNSAVED_PARAMS = ("devices", "calibration", "callbacks", "checkpoint")
+    #: ASSUMPTION: no trained weight exceeds this magnitude (trained values are
+    #: < 1e3); larger ones overflow float32 pre-activations, so refuse them.
+    _MAX_ABS_WEIGHT = 1e6
+    #: Largest layer (neurons or features) a model file may declare.
+    _MAX_LAYER = 1 << 24
+    #: Most inference samples a model file may ask for (each costs a full pass).
+    _MAX_FILE_SAMPLES = 1 << 16
+
+    @staticmethod
+    def _weights_files(path):
+        """The two weight slots of model ``path`` (derived from it, never read from a file)."""
+        return {"a": path.with_suffix(".npz"), "b": path.with_suffix(".npz").with_name(
+            path.with_suffix(".npz").name + ".1")}
+
+    @staticmethod
+    def _param_to_json(name, value):
+        """A get_params() value as JSON (NumPy scalars/arrays and tuples become lists)."""
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind not in "biuf" or value.ndim > 2:
+                raise ValueError(f"cannot save parameter {name!r}: array of dtype "
+                                 f"{value.dtype}, shape {value.shape}")
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, (list, tuple)):
+            return [SOTClassifier._param_to_json(name, v) for v in value]
+        if isinstance(value, float) and not np.isfinite(value):
+            raise ValueError(f"cannot save parameter {name!r}: {value} is not finite")
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise ValueError(f"cannot save parameter {name!r}: a {type(value).__name__} is not "
+                         "a JSON value (set it to a number, string, list or None)")
+
+    @staticmethod
+    def _meta_checksum(meta):
+        body = {k: v for k, v in meta.items() if k != "checksum"}
+        return hashlib.sha256(_io.json_bytes(body)).hexdigest()
 
     def save(self, path):
-        """Save a fitted model as ``path`` (JSON) plus ``path`` with suffix ``.npz``.
+        """Save a fitted model as ``path`` (JSON) plus a weights file (``.npz``).
 
         The JSON holds the format version, the sotcore version, the
         parameters, classes, mapping, nominal device, seeds and the device
-        population; the ``.npz`` the weights (its SHA-256 is in the JSON).
-        No pickle: loading never executes code from the files.
+        population, the weights' SHA-256 and a SHA-256 over all of it.  The
+        weights go to one of two slots next to ``path`` (``<stem>.npz`` or
+        ``<stem>.npz.1``), the one the current JSON does not use; the JSON is
+        then replaced atomically, so a failure at any point leaves the previous
+        model loadable.  No pickle: loading never executes code from the files.
+        Parameters that are paths or objects (``devices`` is saved as its
+        population; ``calibration``, ``callbacks``, ``checkpoint``) are not
+        saved; the loaded model has them at None.
         """
         from . import __version__
         check_is_fitted(self)
         path = Path(path)
-        npz_path = path.with_suffix(".npz")
-        arrays = {f"coef_{i}": c for i, c in enumerate(self.coefs_)}
-        arrays.update({f"intercept_{i}": b for i, b in enumerate(self.intercepts_)})
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        blob = buf.getvalue()
-        params = {k: _jsonable(v) for k, v in self.get_params().items()
-                  if k not in ("devices", "calibration", "random_state", "callbacks",
-                               "checkpoint")}
+        slots = self._weights_files(path)
+        if path.suffix == ".npz" or path.name.endswith(".npz.1"):
+            raise InvalidInputError(f"{path}: a model path must not end in .npz (its weights "
+                                    "file is named after it); use e.g. model.json")
+        arrays = {f"coef_{i}": np.ascontiguousarray(c, np.float32)
+                  for i, c in enumerate(self.coefs_)}
+        arrays.update({f"intercept_{i}": np.ascontiguousarray(b, np.float32)
+                       for i, b in enumerate(self.intercepts_)})
+        blob = _io.npz_bytes(arrays)
+        rs = self.random_state
+        params = {k: (None if k == "random_state" and not isinstance(rs, numbers.Integral)
+                      else self._param_to_json(k, v))     # RandomState objects: not JSON
+                  for k, v in self.get_params().items() if k not in self._UNSAVED_PARAMS}
         params["hidden_layer_sizes"] = self._hidden_sizes()
         classes = self.classes_
+        current = None
+        try:       # the slot the existing (valid) model uses must not be overwritten
+            old = _io.read_json(path, fmt=MODEL_FORMAT, what="model file")
+            current = old.get("weights", {}).get("slot")
+        except (ValueError, OSError, AttributeError):
+            pass
+        if not isinstance(current, str):
+            current = None
+        slot = "b" if current == "a" else "a"
         meta = {
             "format": MODEL_FORMAT, "version": MODEL_VERSION, "sotcore_version": __version__,
             "params": params,
-            "random_state": self.random_state if isinstance(self.random_state, int) else None,
             "classes": classes.tolist(), "classes_dtype": classes.dtype.str,
             "n_features_in": int(self.n_features_in_), "n_iter": int(self.n_iter_),
             "loss_curve": [float(v) for v in self.loss_curve_],
-            "mapping": {"unit": self.mapping_.unit, "offset": self.mapping_.offset},
-            "nominal": list(self._nominal), "seeds": [int(v) for v in self._seeds],
+            "mapping": {"unit": float(self.mapping_.unit), "offset": float(self.mapping_.offset)},
+            "nominal": [float(v) for v in self._nominal], "seeds": [int(v) for v in self._seeds],
             "devices": None if self.devices_ is None else self.devices_.to_dict(),
-            "weights": {"file": npz_path.name, "sha256": hashlib.sha256(blob).hexdigest(),
+            "weights": {"slot": slot, "sha256": hashlib.sha256(blob).hexdigest(),
                         "n_layers": len(self.coefs_)},
         }
-        for target, data in ((npz_path, blob), (path, json.dumps(meta, allow_nan=False).encode())):
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+        meta["checksum"] = self._meta_checksum(meta)
+        text = _io.json_bytes(meta)
+        _io.atomic_write(slots[slot], blob)
+        try:
+            _io.atomic_write(path, text)
+        except BaseException:
+            slots[slot].unlink(missing_ok=True)     # unreferenced: the old pair is intact
+            raise
+        if current in slots and current != slot:
+            slots[current].unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path, backend=None):
         """Load a model written by :meth:`save`.
 
+        Every field is checked (types, ranges, the checksum over the JSON, the
+        weights' checksum, shapes, finite and bounded weights, the parameters
+        through the estimator's own validation), and the model must predict:
+        otherwise ``InvalidInputError`` names the file and the field.
+
         ``backend``: the device backend to predict with, for a model trained on
         a backend (instrument) whose devices the file cannot hold.
         """
         from .network import StochasticMLP
         path = Path(path)
+        meta = _io.read_json(path, fmt=MODEL_FORMAT, version=MODEL_VERSION, what="model file")
+
+        def bad(msg):
+            return InvalidInputError(f"{path}: {msg}")
+        if meta["version"] < 2:
+            raise bad("model format version 1 (written before checksums): re-save the model "
+                      "with this sotcore")
+        expected_fields = {"format", "version", "sotcore_version", "params", "classes",
+                           "classes_dtype", "n_features_in", "n_iter", "loss_curve", "mapping",
+                           "nominal", "seeds", "devices", "weights", "checksum"}
+        missing = sorted(expected_fields - set(meta))
+        if missing:
+            raise bad(f"model file is missing field(s) {', '.join(missing)}")
+        extra = sorted(set(meta) - expected_fields)
+        if extra:
+            raise bad(f"model file has unknown field(s) {', '.join(extra)[:200]}")
+        if meta["checksum"] != cls._meta_checksum(meta):
+            raise bad("model file checksum differs (the JSON was edited or corrupted)")
+        ci, cf = _io.check_int, _io.check_float
+        # -- parameters, through the estimator's own validation
+        params = meta["params"]
+        if not isinstance(params, dict):
+            raise bad("field 'params' must be an object")
+        unknown = sorted(set(params) - set(cls._get_param_names()))
+        if unknown or set(params) & set(cls._UNSAVED_PARAMS):
+            raise bad(f"field 'params' has unknown or unsaved parameter(s) "
+                      f"{', '.join(unknown or sorted(set(params) & set(cls._UNSAVED_PARAMS)))}")
+        est = cls(**params)
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model file not found: {path}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not a sotcore model file (invalid JSON: {exc}); the "
-                             "file may be truncated") from None
-        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{path}: not a sotcore model file")
-        version = meta.get("version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"{path}: missing or invalid format version {version!r}")
-        if version > MODEL_VERSION:
-            raise ValueError(f"{path}: model format version {version} is newer than this "
-                             f"sotcore reads (<= {MODEL_VERSION}); upgrade sotcore")
+            est._validate_params()
+            for k, v in params.items():   # sklearn's Integral intervals let True through
+                allowed = [c for c in cls._parameter_constraints.get(k, ())
+                           if c in ("boolean", "verbose", bool)]
+                if isinstance(v, bool) and not allowed:
+                    raise ValueError(f"parameter {k!r} must not be a boolean, got {v}")
+            hidden = est._hidden_sizes()
+            if est.nominal_device is not None:
+                nd = np.asarray(est.nominal_device, dtype=float)
+                if nd.shape != (2,) or not (np.isfinite(nd).all() and (nd > 0).all()):
+                    raise ValueError("nominal_device must be (i50, scale), both > 0")
+        except (ValueError, TypeError) as exc:
+            raise bad(f"field 'params': {exc}") from None
+        if est.n_samples > cls._MAX_FILE_SAMPLES:
+            raise bad(f"field 'params.n_samples' is {est.n_samples} (a model file may ask for "
+                      f"at most {cls._MAX_FILE_SAMPLES} samples per prediction)")
+        # -- fitted state
+        n_features = ci(meta["n_features_in"], path, "n_features_in", 1, cls._MAX_LAYER)
+        if any(h > cls._MAX_LAYER for h in hidden):
+            raise bad(f"field 'params.hidden_layer_sizes': a layer exceeds {cls._MAX_LAYER}")
+        classes_dtype = meta["classes_dtype"]
+        if not isinstance(classes_dtype, str) or len(classes_dtype) > 12:
+            raise bad("field 'classes_dtype' must be a short NumPy dtype string")
         try:
-            w = meta["weights"]
-            npz_path = path.with_name(Path(w["file"]).name)
-            blob = npz_path.read_bytes()
-            if hashlib.sha256(blob).hexdigest() != w["sha256"]:
-                raise ValueError(f"{npz_path}: weights do not match {path.name} (checksum "
-                                 "differs; edited, truncated or from another model)")
-            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-                coefs = [np.ascontiguousarray(z[f"coef_{i}"], np.float32)
-                         for i in range(w["n_layers"])]
-                inter = [np.ascontiguousarray(z[f"intercept_{i}"], np.float32)
-                         for i in range(w["n_layers"])]
-            params = dict(meta["params"])
-            devices = (None if meta["devices"] is None else
-                       DevicePopulation.from_dict(meta["devices"], source=str(path)))
-            est = cls(**params, random_state=meta.get("random_state"))
-            est.set_params(devices=backend if backend is not None else devices)
-            est.classes_ = np.asarray(meta["classes"], dtype=np.dtype(meta["classes_dtype"]))
-            est.n_features_in_ = int(meta["n_features_in"])
-            est.n_iter_ = int(meta["n_iter"])
-            est.loss_curve_ = list(meta["loss_curve"])
-            est.mapping_ = CurrentMapping(**meta["mapping"])
-            est._nominal = tuple(float(v) for v in meta["nominal"])
-            est._seeds = np.asarray(meta["seeds"], dtype=np.int64)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: its weights file {w.get('file')!r} is missing") \
-                from None
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: model file is missing or has invalid field {exc}") \
-                from None
-        sizes = [est.n_features_in_, *est._hidden_sizes(), max(len(est.classes_), 2)]
-        net = StochasticMLP(sizes, est.mapping_)
-        for k, (c, b) in enumerate(zip(coefs, inter)):
-            if c.shape != tuple(sizes[k:k + 2]) or b.shape != (sizes[k + 1],) \
-                    or not (np.isfinite(c).all() and np.isfinite(b).all()):
-                raise ValueError(f"{path}: layer {k} weights have shape {c.shape} (expected "
-                                 f"{tuple(sizes[k:k + 2])}) or are not finite")
+            cdt = np.dtype(classes_dtype)
+        except TypeError:
+            raise bad(f"field 'classes_dtype' is not a dtype: {classes_dtype!r}") from None
+        if cdt.kind not in "biufU" or cdt.itemsize > 4096:
+            raise bad(f"field 'classes_dtype': {classes_dtype!r} is not a label dtype")
+        raw_classes = meta["classes"]
+        if not isinstance(raw_classes, list) or not raw_classes \
+                or len(raw_classes) > cls._MAX_LAYER:
+            raise bad("field 'classes' must be a non-empty list")
+        if not all(isinstance(c, (str, int, float)) for c in raw_classes):
+            raise bad("field 'classes' must hold numbers or strings")
+        try:
+            classes = np.asarray(raw_classes, dtype=cdt)
+        except (TypeError, ValueError, OverflowError):
+            raise bad(f"field 'classes' does not fit dtype {classes_dtype!r}") from None
+        if classes.ndim != 1 or classes.tolist() != raw_classes:
+            raise bad(f"field 'classes' does not round-trip through dtype {classes_dtype!r}")
+        if len(np.unique(classes)) != len(classes) or not (classes[1:] > classes[:-1]).all():
+            raise bad("field 'classes' must be sorted and free of duplicates")
+        n_iter = ci(meta["n_iter"], path, "n_iter", 0, 10**9)
+        curve = meta["loss_curve"]
+        if not isinstance(curve, list):
+            raise bad("field 'loss_curve' must be a list")
+        curve = [cf(v, path, "loss_curve") for v in curve]
+        m = meta["mapping"]
+        if not isinstance(m, dict) or set(m) != {"unit", "offset"}:
+            raise bad("field 'mapping' must be {unit, offset}")
+        mapping = CurrentMapping(unit=cf(m["unit"], path, "mapping.unit", 0, low_open=True),
+                                 offset=cf(m["offset"], path, "mapping.offset"))
+        nominal = meta["nominal"]
+        if not isinstance(nominal, list) or len(nominal) != 2:
+            raise bad("field 'nominal' must be [i50, scale]")
+        nominal = tuple(cf(v, path, "nominal", 0, low_open=True) for v in nominal)
+        seeds = meta["seeds"]
+        if not isinstance(seeds, list) or len(seeds) != 4:
+            raise bad("field 'seeds' must be a list of 4 integers")
+        seeds = np.asarray([ci(v, path, "seeds", 0, 2**63 - 1) for v in seeds], np.int64)
+        devices = None
+        if meta["devices"] is not None:
+            devices = DevicePopulation.from_dict(meta["devices"], source=f"{path}: field "
+                                                 "'devices'")
+        if backend is None and devices is None:
+            raise bad("the model was trained on a device backend; pass backend= to load it")
+        # -- weights: the layer sizes fix every shape before anything is read
+        sizes = [n_features, *hidden, max(len(classes), 2)]
+        L = len(sizes) - 1
+        if 4 * sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:])) > _io.MAX_ARRAY_BYTES:
+            raise bad(f"layer sizes {sizes} exceed the weights limit of {_io.MAX_ARRAY_BYTES} "
+                      "bytes")
+        w = meta["weights"]
+        if not isinstance(w, dict) or set(w) != {"slot", "sha256", "n_layers"}:
+            raise bad("field 'weights' must be {slot, sha256, n_layers}")
+        slots = cls._weights_files(path)
+        if not isinstance(w["slot"], str) or w["slot"] not in slots:
+            raise bad("field 'weights.slot' must be 'a' or 'b'")
+        if ci(w["n_layers"], path, "weights.n_layers", 1, 1000) != L:
+            raise bad(f"field 'weights.n_layers' is {w['n_layers']} but the layer sizes "
+                      f"{sizes} have {L} layers")
+        digest = w["sha256"]
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise bad("field 'weights.sha256' must be a SHA-256 hex digest")
+        npz = slots[w["slot"]]
+        shapes = {f"coef_{k}": (sizes[k], sizes[k + 1]) for k in range(L)}
+        shapes.update({f"intercept_{k}": (sizes[k + 1],) for k in range(L)})
+
+        def expect(name, shape, dtype):
+            if name not in shapes or shape != shapes[name] or dtype != np.float32:
+                raise InvalidInputError(
+                    f"{npz}: array {name!r} has shape {shape} and dtype {dtype}; this model "
+                    f"expects {shapes.get(name, 'no such array')} float32")
+        blob = _io.read_bytes(npz, max_bytes=_io.MAX_ARRAY_BYTES + (1 << 20),
+                              what=f"weights file of {path.name}")
+        if hashlib.sha256(blob).hexdigest() != digest:
+            raise InvalidInputError(f"{npz}: weights do not match {path.name} (checksum "
+                                    "differs; edited, truncated or from another model)")
+        arrays = _io.read_npz(blob, expected=expect, required=shapes, what=str(npz))
+        coefs = [arrays[f"coef_{k}"] for k in range(L)]
+        inter = [arrays[f"intercept_{k}"] for k in range(L)]
+        for k, a in enumerate(coefs + inter):
+            if not np.isfinite(a).all() or np.abs(a).max(initial=0) > cls._MAX_ABS_WEIGHT:
+                raise InvalidInputError(f"{npz}: layer {k % L} weights are not finite or "
+                                        f"exceed {cls._MAX_ABS_WEIGHT:g} in magnitude")
+        net = StochasticMLP(sizes, mapping)
         net.coefs, net.intercepts = coefs, inter
+        if backend is not None:
+            est.set_params(devices=backend)
+        elif devices is not None:
+            est.set_params(devices=devices)
+        est.classes_ = classes
+        est.n_features_in_ = n_features
+        est.n_iter_ = n_iter
+        est.loss_curve_ = curve
+        est.mapping_ = mapping
+        est._nominal = nominal
+        est._seeds = seeds
         est._network = net
         est.coefs_, est.intercepts_ = net.coefs, net.intercepts
+        est.n_layers_ = L + 1
+        est.n_outputs_ = sizes[-1]
         est._finish_load(devices, backend)
-        est._label_encoder = LabelEncoder().fit(est.classes_)
-        if backend is None and devices is None:
-            raise ValueError(f"{path}: the model was trained on a device backend; pass "
-                             "backend= to load it")
+        est._label_encoder = LabelEncoder().fit(classes)
+        if backend is None:
+            # Nothing loads that cannot predict: one probe row through the real path.
+            # One sample is enough to exercise every layer and device.
+            est.n_samples, n_samples = 1, est.n_samples
+            try:
+                probe = est.predict_proba(np.zeros((1, n_features), np.float32))
+            except Exception as exc:     # noqa: BLE001 -- any failure means a bad file
+                raise bad(f"the model cannot predict ({type(exc).__name__}: {exc}); its "
+                          "fields are inconsistent") from None
+            finally:
+                est.n_samples = n_samples
+            if not np.isfinite(probe).all():
+                raise bad("the model predicts non-finite probabilities")
         return est
 
 

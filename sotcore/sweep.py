@@ -7,13 +7,23 @@ file as soon as it arrives, so an interrupted sweep resumes where it stopped
 ``backend="dask"`` the tasks go to a ``dask.distributed`` scheduler, which is
 how a sweep goes past one machine.
 """
+import collections
+import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
 import json
+import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from . import _io
+from .exceptions import InvalidInputError
 
 __all__ = ["sweep_tasks", "run_task", "run_sweep", "load_results"]
 
@@ -22,8 +32,11 @@ RUNS = ("software", "hardware-aware", "hil:nominal", "hil:straight-through")
 
 def sweep_tasks(widths, variabilities, runs, seeds, *, dataset="digits", hidden=(100,),
                 n_samples=(1, 8, 32), estimator_params=None):
-    """The list of task dicts of a sweep (one per width, variability, run, seed)."""
-    tasks = []
+    """The list of task dicts of a sweep (one per distinct width, variability, run, seed).
+
+    Repeated values (``widths=[10, 10]``) give one task, not two.
+    """
+    tasks, seen = [], set()
     for w, v, run, seed in itertools.product(widths, variabilities, runs, seeds):
         if run not in RUNS:
             raise ValueError(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
@@ -32,7 +45,9 @@ def sweep_tasks(widths, variabilities, runs, seeds, *, dataset="digits", hidden=
                 "n_samples": [int(t) for t in n_samples],
                 "estimator_params": dict(estimator_params or {})}
         task["key"] = hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest()[:16]
-        tasks.append(task)
+        if task["key"] not in seen:
+            seen.add(task["key"])
+            tasks.append(task)
     return tasks
 
 
@@ -51,7 +66,11 @@ def _dataset(spec):
 
 
 def run_task(task):
-    """Train and score one sweep task; returns its list of records (runs anywhere)."""
+    """Train and score one sweep task; returns its list of records (runs anywhere).
+
+    Each record carries ``task_records``, the number of records of its task,
+    so a task whose records were only partly written is seen as not done.
+    """
     from .experiments import compare_modes
     Xtr, ytr, Xte, yte = _dataset(task["dataset"])
     mode, _, surrogate = task["run"].partition(":")
@@ -63,38 +82,164 @@ def run_task(task):
                          estimator_params=task["estimator_params"], progress=False)
     for r in recs:
         r["key"] = task["key"]
+        r["task_records"] = len(recs)
     return recs
 
 
-def load_results(path):
-    """Records of a results file; a torn last line (killed mid-write) is ignored."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+_WATCHED = None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exit_with_driver(driver):
+    """In a worker process: exit as soon as the driver is gone.
+
+    ``driver`` is (hostname, pid).  A killed driver cannot shut its pool
+    down, and loky workers would go on training for nobody (even picking up
+    tasks already queued).  A loky worker is the driver's child, so a changed
+    ``getppid()`` means the driver died; a worker that is not its child (a
+    remote joblib backend) is left alone unless the driver is on this host
+    and gone.
+    """
+    global _WATCHED
+    host, pid = driver
+    if _WATCHED == driver or os.getpid() == pid or host != socket.gethostname():
+        return          # already watching, in-process, or another machine
+    if os.getppid() != pid:
+        if not _alive(pid):
+            os._exit(1)     # the driver died before this task reached us
+        return
+    _WATCHED = driver
+
+    def watch():
+        while os.getppid() == pid:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, name="sotcore-driver-watch", daemon=True).start()
+
+
+def _run_task_for(task, driver):
+    _exit_with_driver(driver)
+    return run_task(task)
+
+
+def _scan(path):
+    """(records, length of the valid prefix, whether the last line was torn)."""
+    data = path.read_bytes() if path.exists() else b""
+    out, good = [], 0
+    lines = data.split(b"\n")
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
+        last = i == len(lines) - 1
+        if last and not line:
+            break
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
-    return out
+            rec = json.loads(line) if line.strip() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = False
+        if rec is False or (last and not data.endswith(b"\n")):
+            if last:       # killed mid-write: a torn last line
+                return out, good, True
+            raise InvalidInputError(f"{path}: line {i + 1} is not valid JSON")
+        if rec is not None:
+            if not isinstance(rec, dict):
+                raise InvalidInputError(f"{path}: line {i + 1} is not a JSON object")
+            out.append(rec)
+        good += len(line) + 1
+    return out, good, False
+
+
+def _complete(records):
+    """Records of tasks whose every record is present (and the keys of those tasks)."""
+    count = collections.Counter(r.get("key") for r in records)
+    done = set()
+    for r in records:
+        want = r.get("task_records")
+        if not isinstance(want, int) or count[r.get("key")] >= want:   # legacy: no count
+            done.add(r.get("key"))
+    return [r for r in records if r.get("key") in done], done
+
+
+def load_results(path):
+    """Records of the complete tasks in a results file.
+
+    A torn last line (killed mid-write) and the records of a task that was
+    only partly written are ignored; any other invalid line raises
+    ``InvalidInputError``.
+    """
+    return _complete(_scan(Path(path))[0])[0]
 
 
 def _append(path, records):
-    with open(path, "a", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-        fh.flush()
+    """Append one task's records durably: all of them or (on failure) none."""
+    block = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+    with open(path, "ab") as fh:
+        start = fh.tell()
+        try:
+            fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+        except BaseException:
+            # Disk full or killed: take the partial block back so the task reads as not
+            # done (if even this fails, the record count still marks it incomplete).
+            try:
+                fh.truncate(start)
+                os.fsync(fh.fileno())
+            except OSError:
+                pass
+            raise
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Hold an exclusive lock on ``path`` (via ``.<name>.lock``): one driver per file."""
+    lock = path.with_name(f".{path.name}.lock")
+    fh = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInputError(f"{path}: another sweep is writing to this results file; "
+                                    "wait for it or use another --out") from None
+        yield
+    finally:
+        fh.close()
+
+
+def _repair(path):
+    """Make ``path`` hold only complete tasks' records; return their keys.
+
+    A torn last line is cut off by truncating to the valid prefix (never
+    shorter); records of partly written tasks are dropped by an atomic
+    rewrite of the complete ones (the old file survives any failure).
+    """
+    records, good, torn = _scan(path)
+    if torn:
+        with open(path, "r+b") as fh:
+            fh.truncate(good)
+            os.fsync(fh.fileno())
+    complete, done = _complete(records)
+    if len(complete) != len(records):
+        _io.atomic_write(path, "".join(json.dumps(r) + "\n" for r in complete).encode())
+    return done
 
 
 def run_sweep(tasks, results_path, *, backend="joblib", n_jobs=1, scheduler=None,
               progress=True):
     """Run the tasks not yet in ``results_path``; append their records as they finish.
+
+    A task counts as done only when all its records are durably in the file
+    (fsync); a sweep killed or out of disk space resumes with exactly the
+    unfinished tasks.  Only one driver may write a results file at a time
+    (another one gets ``InvalidInputError``).  joblib workers exit when the
+    driver dies.
 
     Parameters
     ----------
@@ -108,43 +253,45 @@ def run_sweep(tasks, results_path, *, backend="joblib", n_jobs=1, scheduler=None
     -------
     list of dict: all records in the file after the sweep.
     """
+    if backend not in ("joblib", "dask"):
+        raise ValueError(f"backend must be 'joblib' or 'dask', got {backend!r}")
+    if backend == "dask" and scheduler is None:
+        raise ValueError("backend='dask' needs scheduler= (an address or a Client)")
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    if results_path.exists():
-        text = results_path.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):
-            # A sweep killed mid-write leaves a torn line: drop it, redo that task.
-            results_path.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
-    done = {r.get("key") for r in load_results(results_path)}
-    todo = [t for t in tasks if t["key"] not in done]
-    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="sweep", unit="task",
-               disable=not progress)
-    if backend == "joblib":
-        from joblib import Parallel, delayed
-        for recs in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
-                delayed(run_task)(t) for t in todo):
-            _append(results_path, recs)
-            bar.update(1)
-    elif backend == "dask":
-        try:
-            from dask.distributed import Client, as_completed
-        except ImportError:
-            raise ImportError("the dask backend needs dask.distributed: "
-                              "pip install 'sotcore[dask]'") from None
-        if scheduler is None:
-            raise ValueError("backend='dask' needs scheduler= (an address or a Client)")
-        own = not isinstance(scheduler, Client)
-        client = Client(scheduler) if own else scheduler
-        try:
-            futures = [client.submit(run_task, t, key=f"sotcore-{t['key']}", pure=False)
-                       for t in todo]
-            for fut in as_completed(futures):
-                _append(results_path, fut.result())
+    with _locked(results_path):
+        done = _repair(results_path)
+        todo, seen = [], set(done)
+        for t in tasks:
+            if t["key"] not in seen:
+                seen.add(t["key"])
+                todo.append(t)
+        n_total = len({t["key"] for t in tasks})
+        bar = tqdm(total=n_total, initial=n_total - len(todo), desc="sweep", unit="task",
+                   disable=not progress)
+        if backend == "joblib":
+            from joblib import Parallel, delayed
+            me = (socket.gethostname(), os.getpid())
+            for recs in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+                    delayed(_run_task_for)(t, me) for t in todo):
+                _append(results_path, recs)
                 bar.update(1)
-        finally:
-            if own:
-                client.close()
-    else:
-        raise ValueError(f"backend must be 'joblib' or 'dask', got {backend!r}")
-    bar.close()
-    return load_results(results_path)
+        else:
+            try:
+                from dask.distributed import Client, as_completed
+            except ImportError:
+                raise ImportError("the dask backend needs dask.distributed: "
+                                  "pip install 'sotcore[dask]'") from None
+            own = not isinstance(scheduler, Client)
+            client = Client(scheduler) if own else scheduler
+            try:
+                futures = [client.submit(run_task, t, key=f"sotcore-{t['key']}", pure=False)
+                           for t in todo]
+                for fut in as_completed(futures):
+                    _append(results_path, fut.result())
+                    bar.update(1)
+            finally:
+                if own:
+                    client.close()
+        bar.close()
+        return load_results(results_path)

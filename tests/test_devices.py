@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from sotcore import DevicePopulation
@@ -267,3 +267,243 @@ def test_hypothesis_arbitrary_arrays_never_crash(arr):
     except (ValueError, TypeError):
         return
     assert bits.shape == arr.shape and bits.max(initial=0) <= 1
+
+
+# -- immutability (#12 item 3) ---------------------------------------------------------------
+def test_population_arrays_are_read_only(pop20):
+    I = np.tile(pop20.i50, (2, 1))
+    P0 = pop20.probability(I)
+    for name in ("i50", "scale", "p_lo", "p_hi", "width"):
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(pop20, name)[:] += 10 * pop20.scale
+        with pytest.raises(AttributeError):
+            setattr(pop20, name, np.zeros(len(pop20)))
+    m = pop20.meta
+    m["model"] = "edited"
+    assert pop20.meta != m                       # meta is handed out as a copy
+    np.testing.assert_array_equal(pop20.probability(I), P0)
+
+
+def test_replace_returns_a_consistent_new_population(pop20):
+    shifted = pop20.replace(i50=pop20.i50 + 10 * pop20.scale)
+    assert shifted is not pop20
+    I = np.tile(pop20.i50, (4000, 1))
+    # probability() and sample() of the new population agree (no stale table) ...
+    assert shifted.probability(I[:1]).max() < 1e-4
+    assert shifted.sample(I, random_state=0).mean() < 1e-3
+    # ... and the old one is unchanged (P = 0.5 at its own i50).
+    assert abs(pop20.sample(I, random_state=0).mean() - 0.5) < 0.01
+    with pytest.raises(TypeError, match="unknown"):
+        pop20.replace(bias=1.0)
+
+
+def test_replace_and_subset_keep_tables_and_widths():
+    probs = np.vstack([np.linspace(0, 1, 16)])
+    pop = DevicePopulation([1e-3, 2e-3, 3e-3], [1e-5, 2e-5, 3e-5], width=[1.0, np.nan, 3.0],
+                           tables=([0.5e-3], [1.5e-3], probs), table_devices=[2])
+    back = pop.replace(p_hi=0.9)
+    assert back.nonparametric.tolist() == [False, False, True]
+    np.testing.assert_array_equal(back.width, [1.0, np.nan, 3.0])
+    np.testing.assert_array_equal(pop[[0, 2]].width, [1.0, 3.0])   # not all-NaN
+
+
+# -- population files --------------------------------------------------------------------------
+def _deep(k):
+    x = []
+    for _ in range(k):
+        x = [x]
+    return x
+
+
+def _pop_file(tmp_path, edit, n=6):
+    d = DevicePopulation.from_width(10.0, n, random_state=0).to_dict()
+    edit(d)
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_null_width_stays_per_device(tmp_path):
+    p = _pop_file(tmp_path, lambda d: d["width"].__setitem__(2, None))
+    back = DevicePopulation.load(p)
+    assert np.isnan(back.width[2]) and np.isfinite(np.delete(back.width, 2)).all()
+    back.save(tmp_path / "again.json")
+    np.testing.assert_array_equal(DevicePopulation.load(tmp_path / "again.json").width,
+                                  back.width)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.__setitem__("table_span", 1e-300), "resolved"),
+    (lambda d: d.__setitem__("table_span", 0), "table_span"),
+    (lambda d: d.__setitem__("table_points", 2**21), "table_points"),
+    (lambda d: d.__setitem__("table_points", 1.5), "table_points"),
+    (lambda d: d["scale"].__setitem__(0, 1e-200), "resolved"),
+    (lambda d: d["i50"].__setitem__(0, 10**400), "too large"),
+    (lambda d: d["i50"].__setitem__(0, 1e308), "resolved"),
+    (lambda d: d["i50"].__setitem__(0, "1e-3"), "i50"),
+    (lambda d: d["p_hi"].__setitem__(0, True), "p_hi"),
+    (lambda d: d["width"].__setitem__(0, -1.0), "width"),
+    (lambda d: d.__setitem__("n_devices", 7), "n_devices"),
+    (lambda d: d.__setitem__("n_devices", 2**70), "n_devices"),
+    (lambda d: d.__setitem__("scale", d["scale"][:-1]), "scale"),
+    (lambda d: d.__setitem__("meta", [1]), "meta"),
+    (lambda d: d.__setitem__("tables", {"devices": [0], "grid_lo": [1e-3], "grid_hi": [1e-3],
+                                        "probs": [[0, 1]]}), "grid_hi"),
+    (lambda d: d.__setitem__("tables", {"devices": [9], "grid_lo": [0], "grid_hi": [1],
+                                        "probs": [[0, 1]]}), "tables.devices"),
+    (lambda d: d.__setitem__("tables", [1, 2]), "tables"),
+    (lambda d: d.__setitem__("meta", {"x": _deep(80)}), "deep"),
+])
+def test_population_file_fields_are_checked(tmp_path, edit, match):
+    from sotcore.exceptions import InvalidInputError
+    p = _pop_file(tmp_path, edit)
+    with pytest.raises(InvalidInputError, match=match) as ei:
+        DevicePopulation.load(p)
+    assert str(p) in str(ei.value)
+
+
+def test_huge_table_in_a_small_file_is_refused_before_allocating(tmp_path):
+    import tracemalloc
+    p = _pop_file(tmp_path, lambda d: d.__setitem__("table_points", 2**20), n=200)
+    assert p.stat().st_size < 64 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="limit"):
+            DevicePopulation.load(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_failed_population_save_leaves_old_file_and_no_tmp(tmp_path, monkeypatch, pop20):
+    import errno
+    import os
+    path = pop20.save(tmp_path / "pop.json")
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        pop20[:3].save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [x.name for x in tmp_path.iterdir()] == ["pop.json"]
+
+
+# -- sampling agrees with probability() for every accepted device ------------------------------
+def _sample_freq(pop, cur, T, seed, dtype=np.float64):
+    """Frequency of 1s over T draws of each (current row, device) cell."""
+    I = np.repeat(np.asarray(cur, dtype=dtype), T, axis=0)
+    return pop.sample(I, random_state=seed).reshape(len(cur), T, -1).mean(axis=1)
+
+
+def test_tiny_scale_and_degenerate_grid_are_refused():
+    with pytest.raises(ValueError, match="resolved"):
+        DevicePopulation([2e-3, 2e-3], [1e-4, 1e-200])
+    with pytest.raises(ValueError, match="resolved"):
+        DevicePopulation([2e-3], [1e-4], table_span=1e-300)
+    with pytest.raises(ValueError, match="resolved"):
+        DevicePopulation([1e-3], [1e-5], tables=([1e-3], [1e-3 + 1e-17], [[0.0, 1.0]]))
+    with pytest.raises(ValueError, match="resolved"):      # 4096 a would overflow
+        DevicePopulation([1e-293], [1e-303])
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(log_i50=st.floats(-300, 300), log_ratio=st.floats(-14, 0),
+       sign=st.sampled_from([1.0, -1.0]))
+def test_sampling_follows_probability_for_accepted_devices(global_random_seed, log_i50,
+                                                           log_ratio, sign):
+    """Either the device is refused, or for float64 and float32 currents the
+    sampled frequency matches probability() of the very current sampled.
+
+    T = 2000 draws at 7 currents x 2 dtypes per example, <= 25 examples x 3
+    seeds: ~1050 cells.  A cell fails beyond 6 binomial sigma (two-sided
+    2e-9 each, family-wise < 3e-6) plus 2e-3 for the table's own
+    interpolation/clamping error (< 1e-4) -- a collapsed grid (P = 0.5
+    where probability() says 0 or 1) is off by 0.5."""
+    i50 = sign * 10.0 ** log_i50
+    scale = abs(i50) * 10.0 ** log_ratio
+    try:
+        pop = DevicePopulation([i50], [scale])
+    except ValueError as exc:
+        assert "resolved" in str(exc) or "scale" in str(exc)
+        return
+    T = 2000
+    for dtype in (np.float64, np.float32):
+        with np.errstate(over="ignore"):
+            cur = (i50 + scale * np.array([-30, -3, -1, 0, 1, 3, 30.0]))[:, None].astype(dtype)
+        if not np.isfinite(cur).all():
+            continue
+        p = pop.probability(cur.astype(np.float64))        # of the current actually sampled
+        f = _sample_freq(pop, cur, T, global_random_seed, dtype)
+        tol = 6 * np.sqrt(np.maximum(p * (1 - p), 1.0 / T) / T) + 2e-3
+        assert (np.abs(f - p) <= tol).all(), (dtype, cur.ravel(), f.ravel(), p.ravel())
+
+
+def test_float32_currents_on_a_fine_grid_are_sampled_exactly(global_random_seed):
+    """scale 1e-10 A at 2 mA: float64 resolves the grid, float32 does not, so
+    float32 currents are sampled through float64.  The float32 neighbours of
+    i50 are ~2.3 scales apart: P runs 0.09 / 0.5-ish / 0.9 among them, and a
+    float32 grid coordinate would be off by several grid steps.  Bounds as in
+    the test above (3 seeds x 5 cells)."""
+    pop = DevicePopulation([2e-3], [1e-10])
+    c = np.float32(2e-3)
+    cur = np.array([np.nextafter(c, -1), c, np.nextafter(c, 1),
+                    np.nextafter(np.nextafter(c, 1), 1), np.nextafter(np.nextafter(c, -1), -1)],
+                   dtype=np.float32)[:, None]
+    p = pop.probability(cur.astype(np.float64))
+    assert p.min() < 0.2 and p.max() > 0.8
+    T = 4000
+    f = _sample_freq(pop, cur, T, global_random_seed, np.float32)
+    tol = 6 * np.sqrt(np.maximum(p * (1 - p), 1.0 / T) / T) + 2e-3
+    assert (np.abs(f - p) <= tol).all(), (f.ravel(), p.ravel())
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"n_threads": 2**31}, "n_threads"), ({"n_threads": -2**31}, "n_threads"),
+    ({"stream": -1}, "stream"), ({"stream": 1.5}, "stream"), ({"stream": 2**64}, "stream"),
+    ({"row_offset": -3}, "row_offset"), ({"row_offset": 2.0}, "row_offset"),
+])
+def test_sample_counters_and_threads_are_checked(pop20, kw, match):
+    with pytest.raises(ValueError, match=match):
+        pop20.sample(np.tile(pop20.i50, (2, 1)), random_state=0, **kw)
+    assert pop20.sample(np.tile(pop20.i50, (2, 1)), random_state=0,
+                        stream=np.int64(3)).shape == (2, 64)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70)
+                     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c,
+                                                                         max_size=3),
+                     max_leaves=5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(field=st.sampled_from(["i50", "scale", "p_lo", "p_hi", "width", "n_devices",
+                              "table_points", "table_span", "meta", "tables", "version",
+                              "format"]),
+       index=st.integers(0, 5) | st.none(), value=_JSON)
+def test_population_loader_on_fieldwise_edits(tmp_path_factory, field, index, value):
+    """Any field (or one element of it) replaced by any JSON value: a usable
+    population whose sampling follows probability(), or one InvalidInputError."""
+    from sotcore.exceptions import InvalidInputError
+    d = DevicePopulation.from_width(10.0, 6, random_state=0).to_dict()
+    if index is not None and isinstance(d.get(field), list):
+        d[field][index] = value
+    else:
+        d[field] = value
+    p = tmp_path_factory.mktemp("popf") / "p.json"
+    p.write_text(json.dumps(d))
+    try:
+        pop = DevicePopulation.load(p)
+    except InvalidInputError as exc:
+        assert str(p) in str(exc)
+        return
+    I = np.tile(pop.i50, (2000, 1))
+    P = pop.probability(I[:1])[0]
+    f = pop.sample(I, random_state=0).mean(axis=0)
+    # 6 binomial sigma at P (<= 0.5 / sqrt(2000)) plus the table error
+    assert (np.abs(f - P) <= 6 * 0.5 / np.sqrt(2000) + 2e-3).all()

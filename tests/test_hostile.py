@@ -147,7 +147,8 @@ def test_population_loader_on_edited_files(tmp_path_factory, cut, flip):
     (d / "p.json").write_bytes(bytes(b))
     try:
         back = sotcore.DevicePopulation.load(d / "p.json")
-    except (ValueError, TypeError):
+    except sotcore.InvalidInputError as exc:      # one error type, naming the file
+        assert str(d / "p.json") in str(exc)
         return
     assert len(back) >= 1 and np.isfinite(back.i50).all() and (back.scale > 0).all()
 
@@ -165,3 +166,62 @@ def test_backend_pulse_properties(n, m, fill):
         assert "finite" in str(exc) and not np.isfinite(fill)
         return
     assert bits.shape == (n, m) and bits.dtype == np.uint8 and bits.max(initial=0) <= 1
+
+
+def _traced_peak(fn):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        try:
+            fn()
+        except ValueError as exc:
+            out = exc
+        else:
+            out = None
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_idx_gzip_bomb_is_refused_before_allocating(tmp_path):
+    """A header declaring 2 GiB (over the limit) or 512 MiB (more than a few
+    KiB of gzip can hold) is refused after reading only the header."""
+    p = tmp_path / "bomb-idx3-ubyte.gz"
+    for shape in ((1 << 16, 1 << 15), (1 << 14, 1 << 15)):
+        head = bytes([0, 0, 0x08, 2]) + struct.pack(">II", *shape)
+        with gzip.open(p, "wb") as fh:
+            fh.write(head + b"\0" * 4096)
+        exc, peak = _traced_peak(lambda: read_idx(p))
+        assert isinstance(exc, sotcore.InvalidInputError) and str(p) in str(exc)
+        assert peak < 4 << 20
+
+
+def test_idx_real_bomb_obeys_max_bytes(tmp_path):
+    p = tmp_path / "zeros-idx1-ubyte.gz"
+    n = 16 << 20
+    with gzip.open(p, "wb") as fh:
+        fh.write(bytes([0, 0, 0x08, 1]) + struct.pack(">I", n))
+        fh.write(b"\0" * n)
+    assert p.stat().st_size < 64 << 10
+    exc, peak = _traced_peak(lambda: read_idx(p, max_bytes=1 << 20))
+    assert isinstance(exc, sotcore.InvalidInputError) and "limit" in str(exc)
+    assert peak < 2 << 20
+    assert read_idx(p).shape == (n,)                       # within the default limit
+
+
+def test_idx_raw_header_larger_than_file_and_trailing_bytes(tmp_path):
+    p = tmp_path / "x-idx1-ubyte"
+    p.write_bytes(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 2**29) + b"\0" * 10)
+    exc, peak = _traced_peak(lambda: read_idx(p))
+    assert isinstance(exc, ValueError) and "hold at most" in str(exc) and peak < 1 << 20
+    p.write_bytes(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 3) + b"\0" * 4)
+    with pytest.raises(ValueError, match="3\\+ bytes"):
+        read_idx(p)
+
+
+def test_mnist_images_must_be_uint8(tmp_path):
+    head = bytes([0, 0, 0x0D, 3]) + struct.pack(">III", 2, 2, 2)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(head + b"\0" * 32)
+    _idx(tmp_path / "train-labels-idx1-ubyte", np.arange(2), gz=False)
+    with pytest.raises(ValueError, match="uint8"):
+        load_mnist(tmp_path, "train")

@@ -5,7 +5,6 @@ MNIST directory found as ``load_mnist()`` finds it; a block right after a line
 ``<!-- readme-test: long -->`` is skipped (minutes of training).  Every
 ``sotcore-eval`` command in a bash block must parse with the real parser.
 """
-import os
 import re
 import shlex
 from pathlib import Path
