@@ -102,7 +102,14 @@ def test_recording_replay_bit_exact(pop):
         np.testing.assert_array_equal(a, b)
     r = rec.records()
     assert r["device"].shape == r["current"].shape == r["switched"].shape
-    assert r["device"].max() == 9
+    # every pulse is labelled with the device it went to, and carries its bit
+    np.testing.assert_array_equal(np.bincount(r["device"], minlength=10), rec.pulse_counts)
+    c, d, b = rec.log[0]
+    first = r["current"][:c.size].reshape(c.shape)
+    np.testing.assert_array_equal(first, c)
+    np.testing.assert_array_equal(r["device"][:c.size].reshape(c.shape)[0],
+                                  np.arange(d.start, d.stop) if isinstance(d, slice) else d)
+    np.testing.assert_array_equal(r["switched"][:c.size].reshape(c.shape), b)
 
 
 def test_replay_detects_divergence(pop, tmp_path):
@@ -132,3 +139,19 @@ def test_calibrate_backend_measures_only_through_pulses():
     assert be.pulse_counts.min() == 41 * 20 + 25 * 100
     with pytest.raises(ValueError, match="nominal"):
         calibrate_backend(be, (0.0, 1e-5))
+
+
+def test_instrument_gets_exactly_the_devices_asked_in_order(pop):
+    seen = []
+
+    def fn(c, d):
+        seen.append((c.copy(), d.copy()))
+        return (c > pop.i50[d]).astype(np.uint8)
+    be = InstrumentBackend(fn, 10)
+    devs = np.array([7, 2, 9, 0])
+    cur = pop.i50[devs][None, :] + np.array([[1.0, -1.0, 1.0, -1.0]]) * pop.scale[devs]
+    bits = be.pulse(cur, devs)
+    assert seen[0][1].tolist() == [7, 2, 9, 0]
+    np.testing.assert_array_equal(seen[0][0], cur)
+    assert bits.tolist() == [[1, 0, 1, 0]]
+    assert be.pulse_counts.tolist() == [1, 0, 1, 0, 0, 0, 0, 1, 0, 1]

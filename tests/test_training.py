@@ -165,3 +165,63 @@ def test_nominal_population_is_ideal():
                                               random_state=0)
     nom = nominal_population(pop)
     assert np.all(nom.i50 == 1e-3) and not nom.stuck.any() and np.all(nom.p_hi == 1)
+
+
+def test_alpha_shrinks_the_weights():
+    from sklearn.model_selection import train_test_split
+    from sotcore.datasets import load_digits
+    X, y = load_digits()
+    Xtr, _, ytr, _ = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    norms = []
+    for alpha in (0.0, 30.0):
+        clf = SOTClassifier(hidden_layer_sizes=(16,), devices=20.0, alpha=alpha, max_iter=5,
+                            batch_size=64, random_state=0).fit(Xtr, ytr)
+        norms.append(sum(float(np.square(c).sum()) for c in clf.coefs_))
+    assert norms[1] < 0.8 * norms[0], norms
+
+
+@pytest.mark.parametrize("mode, surrogate", [("hardware-aware", "nominal"),
+                                              ("hil", "calibrated")])
+def test_two_hidden_layers_learn(mode, surrogate):
+    from sklearn.model_selection import train_test_split
+    from sotcore.datasets import load_digits
+    X, y = load_digits()
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    pop = sotcore.DevicePopulation.from_width(20.0, 48, variability=0.1, random_state=0)
+    clf = SOTClassifier(hidden_layer_sizes=(32, 16), devices=pop, training=mode,
+                        surrogate=surrogate, calibration=pop, max_iter=15, batch_size=32,
+                        n_samples=8, random_state=0).fit(Xtr, ytr)
+    assert clf.loss_curve_[-1] < 0.7 * clf.loss_curve_[0]
+    assert clf.score(Xte, yte) > 0.75
+
+
+def test_each_hidden_layer_draws_from_its_own_stream():
+    pop = sotcore.DevicePopulation.from_width(20.0, 12, random_state=0)
+    net = StochasticMLP([5, 6, 6, 3], CurrentMapping(pop.scale.mean()))
+    net.initialize(np.random.default_rng(0), pop.i50.mean() / pop.scale.mean())
+    backend = EmulatedBackend(pop, 0)
+    streams = []
+    orig = backend.pulse_keyed
+
+    def spy(c, d, keys, stream):
+        streams.append(stream)
+        return orig(c, d, keys, stream)
+    backend.pulse_keyed = spy
+    X = np.random.default_rng(1).random((4, 5)).astype(np.float32)
+    net.predict_proba(X, backend, 3, row_keys=np.arange(4, dtype=np.uint64))
+    assert streams == [0, 1]
+    # the same currents and keys in two streams give different bits
+    cur = np.tile(pop.i50[:6], (400, 1))
+    keys = np.arange(400, dtype=np.uint64)
+    a = orig(cur, slice(0, 6), keys, 0)
+    b = orig(cur, slice(0, 6), keys, 1)
+    assert (a != b).mean() > 0.3
+
+
+def test_calibration_must_cover_the_devices_used():
+    from sotcore.datasets import load_digits
+    X, y = load_digits()
+    pop = sotcore.DevicePopulation.from_width(20.0, 8, random_state=0)
+    with pytest.raises(ValueError, match="calibration has 4 devices but the device map uses 8"):
+        SOTClassifier(hidden_layer_sizes=(8,), devices=pop, calibration=pop[:4],
+                      surrogate="calibrated", max_iter=1).fit(X[:50], y[:50])
