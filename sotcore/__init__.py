@@ -1,6 +1,15 @@
 """sotcore: stochastic spin-orbit-torque neurons, from pulse data to trained networks."""
 __version__ = "0.1.0"
 
+try:
+    from . import _kernels  # noqa: F401  (the compiled core)
+except ImportError as _exc:     # e.g. `import sotcore` from an unbuilt source tree
+    raise ImportError(
+        "sotcore's compiled core (sotcore._kernels) could not be imported: "
+        f"{_exc}. If you are in the source tree, either build it in place with "
+        "`python setup.py build_ext --inplace`, or run from another directory so the "
+        "installed package is imported (`pip install .` first).") from None
+
 from .backends import (BackendError, DeviceBackend, EmulatedBackend, InstrumentBackend,
                        RecordingBackend, ReplayBackend)
 from .characterize import calibrate_backend
