@@ -13,12 +13,12 @@ stream                 used by
 ``FUSED_STREAM``       keyed draws of the fused inference kernel
 =====================  ==============================================================
 """
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import _kernels
+from ._threads import blas_limit
 
 #: Rows of every first-layer BLAS call at inference (the last block zero-padded):
 #: a fixed call shape gives each row the same arithmetic in any batch.
@@ -44,21 +44,9 @@ def aligned_empty(shape, dtype, align=64):
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
-_BLAS_CONTROLLER = None
-
-
 def blas_threads(n):
-    """Context manager limiting the BLAS libraries to ``n`` threads (threadpoolctl)."""
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _BLAS_CONTROLLER = ThreadpoolController()
-        except Exception:  # pragma: no cover - threadpoolctl comes with scikit-learn
-            _BLAS_CONTROLLER = False
-    if not _BLAS_CONTROLLER:
-        return contextlib.nullcontext()
-    return _BLAS_CONTROLLER.limit(limits=n, user_api="blas")
+    """Context manager limiting the BLAS libraries to ``n`` threads (see ``_threads``)."""
+    return blas_limit(n)
 
 
 def first_layer(X, s, e, W1, xbuf, zbuf):

@@ -1,11 +1,11 @@
 """Validation and randomness helpers shared by the package (private)."""
 import numbers
-import os
 
 import numpy as np
 from sklearn.utils import check_random_state
 
 from . import _kernels
+from ._threads import cpu_count
 from .exceptions import InvalidInputError
 
 
@@ -43,7 +43,7 @@ def effective_n_threads(n_threads=None):
             raise ValueError(f"n_threads must be in [-{MAX_THREADS}, {MAX_THREADS}], "
                              f"got {n_threads}")
         if n_threads < 0:
-            n = max((os.cpu_count() or 1) + 1 + n_threads, 1)
+            n = max(cpu_count() + 1 + n_threads, 1)
         else:
             n = n_threads
     if not _kernels.openmp_enabled():

@@ -16,6 +16,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _io, _kernels
 from ._fused import EVAL_SALT
+from ._threads import blas_limit
 from ._utils import seed_from_random_state
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
@@ -400,7 +401,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                                  "parameters; resume with the same parameters")
         for key in ("_train_state", "_network"):
             self.__dict__.pop(key, None)
-        return self._fit(X, y, incremental=False, resume=resume)
+        with blas_limit(1):
+            return self._fit(X, y, incremental=False, resume=resume)
 
     def _checkpoint_params(self):
         keep = ("hidden_layer_sizes", "training", "surrogate", "n_samples", "train_samples",
@@ -427,7 +429,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         elif self._hidden_sizes() != list(self.n_hidden_):
             raise ValueError(f"hidden_layer_sizes is {self._hidden_sizes()} but the model was "
                              f"fitted with {list(self.n_hidden_)}; call fit to start again")
-        return self._fit(X, y, incremental=True)
+        with blas_limit(1):
+            return self._fit(X, y, incremental=True)
 
     def _fit(self, X, y, incremental, resume=None):
         first = not (incremental and hasattr(self, "coefs_"))

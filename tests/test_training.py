@@ -225,3 +225,22 @@ def test_calibration_must_cover_the_devices_used():
     with pytest.raises(ValueError, match="calibration has 4 devices but the device map uses 8"):
         SOTClassifier(hidden_layer_sizes=(8,), devices=pop, calibration=pop[:4],
                       surrogate="calibrated", max_iter=1).fit(X[:50], y[:50])
+
+
+def test_blas_limits_are_restored_after_concurrent_predictions():
+    from concurrent.futures import ThreadPoolExecutor
+    from threadpoolctl import threadpool_info
+    from sotcore.datasets import load_digits
+
+    def blas():
+        return sorted((d["internal_api"], d["num_threads"]) for d in threadpool_info()
+                      if d["user_api"] == "blas")
+    X, y = load_digits()
+    clf = SOTClassifier(hidden_layer_sizes=(16, 8), devices=20.0, max_iter=2,
+                        random_state=0).fit(X, y)
+    before = blas()
+    with ThreadPoolExecutor(3) as ex:
+        list(ex.map(lambda _: clf.predict_proba(X[:300]), range(6)))
+    assert blas() == before
+    clf.fit(X, y)
+    assert blas() == before
