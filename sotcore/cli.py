@@ -113,6 +113,7 @@ def build_parser():
     _add_lab_options(tr)
     tr.add_argument("--checkpoint", metavar="FILE", help="write training checkpoints here")
     tr.add_argument("--resume", metavar="FILE", help="continue the run in this checkpoint")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(handler=_run_train)
 
     sw = sub.add_parser("sweep", help="widths x variability x modes x seeds, on joblib or Dask",
@@ -130,7 +131,13 @@ def build_parser():
     sw.add_argument("--seeds", type=_number(int, low=1), default=3)
     sw.add_argument("--hidden", type=_number(int, low=1), nargs="+", default=None)
     sw.add_argument("--epochs", type=_number(int, low=1), default=None)
-    sw.add_argument("--backend", choices=("joblib", "dask"), default="joblib")
+    sw.add_argument("--instrument", metavar="MODULE:FACTORY",
+                    help="run every task on your own device backend (see the main job's "
+                    "--instrument); widths and variabilities then do not apply")
+    sw.add_argument("--nominal", metavar="I50,SCALE",
+                    help="with --instrument: first guess of the devices' curve (amperes)")
+    sw.add_argument("--backend", choices=("joblib", "dask"), default="joblib",
+                    help="where the tasks run (default joblib on this machine)")
     sw.add_argument("--n-jobs", type=_number(int, low=1), default=1, help="joblib workers")
     sw.add_argument("--scheduler", metavar="ADDRESS",
                     help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
@@ -260,18 +267,11 @@ def _instrument(args):
         if args.nominal or args.max_current is not None or args.min_current is not None:
             raise _UsageError("--nominal, --max-current and --min-current need --instrument")
         return None, None
-    import importlib
-    mod, _, attr = args.instrument.partition(":")
-    if not mod or not attr:
-        raise _UsageError(f"--instrument must be MODULE:FACTORY, got {args.instrument!r}")
+    from .experiments import backend_from_factory
     try:
-        factory = getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as exc:
-        raise _UsageError(f"--instrument {args.instrument}: cannot import it ({exc})") from None
-    backend = factory()
-    if not (hasattr(backend, "pulse") and hasattr(backend, "n_devices")):
-        raise _UsageError(f"--instrument {args.instrument} returned "
-                          f"{type(backend).__name__}, not a device backend")
+        backend = backend_from_factory(args.instrument)
+    except ValueError as exc:
+        raise _UsageError(f"--instrument: {exc}") from None
     if nominal is None and getattr(backend, "device_curves", lambda: None)() is None:
         raise _UsageError("--instrument: this backend does not describe its devices; give "
                           "--nominal I50,SCALE (a first guess, amperes)")
@@ -509,7 +509,8 @@ def _run_train(args):
     clf = SOTClassifier(hidden_layer_sizes=hidden, devices=devices, training=args.training,
                         surrogate=args.surrogate, calibration=calibration,
                         variability=args.variability, n_samples=args.samples,
-                        random_state=args.seed, checkpoint=args.checkpoint, verbose=True,
+                        random_state=args.seed, checkpoint=args.checkpoint,
+                        verbose=not args.quiet, progress=False if args.quiet else None,
                         **params)
     clf.fit(Xtr, ytr, resume_from=args.resume)
     acc = clf.score(Xte, yte)
@@ -529,12 +530,31 @@ def _run_sweep(args):
     params = dict(preset["params"])
     if args.epochs:
         params["max_iter"] = args.epochs
+    nominal = None
+    if args.instrument:
+        if args.n_jobs > 1 or args.backend == "dask":
+            raise _UsageError("--instrument: one instrument serves one process; use "
+                              "--n-jobs 1 and the joblib backend")
+        if args.nominal:
+            nominal = _csv_list(args.nominal, float, "--nominal")
+            if len(nominal) != 2 or not nominal[1] > 0:
+                raise _UsageError("--nominal must be I50,SCALE in amperes with SCALE > 0")
+        from .experiments import backend_from_factory
+        try:
+            backend_from_factory(args.instrument)       # fail now, not in the first task
+        except ValueError as exc:
+            raise _UsageError(f"--instrument: {exc}") from None
+    elif args.nominal:
+        raise _UsageError("--nominal needs --instrument")
     tasks = sweep_tasks(args.widths, args.variabilities, args.runs, range(args.seeds),
                         dataset=dataset, hidden=args.hidden or preset["hidden"],
-                        estimator_params=params)
+                        estimator_params=params, instrument=args.instrument, nominal=nominal)
     recs = run_sweep(tasks, args.out, backend=args.backend, n_jobs=args.n_jobs,
                      scheduler=args.scheduler, progress=not args.quiet)
-    for w in sorted({r["width"] for r in recs}):
+    if args.instrument:
+        print(f"\ninstrument {args.instrument}")
+        print(format_table(recs))
+    for w in [] if args.instrument else sorted({r["width"] for r in recs}):
         for v in sorted({r["variability"] for r in recs}):
             sel = [r for r in recs if r["width"] == w and r["variability"] == v]
             if sel:
@@ -648,6 +668,13 @@ def main(argv=None):
         except SystemExit as exc:  # --help / --version
             return exc.code if isinstance(exc.code, int) else 0
         handler = getattr(args, "handler", None)
+        if handler is not None:
+            # Main-job options before a subcommand would be silently ignored: refuse them.
+            sub = argv.index(args.command)
+            stray = [a for a in argv[:sub] if a.startswith("-") and a != "--debug"]
+            if stray:
+                raise _UsageError(f"{' '.join(stray)} before '{args.command}' belong(s) to "
+                                  f"the main job; put {args.command}'s options after it")
         if handler is None:
             return run_main_job(args)
         return handler(args)

@@ -13,7 +13,8 @@ from .devices import DevicePopulation
 from .estimator import SOTClassifier
 from .training import MODES
 
-__all__ = ["compare_modes", "summarize", "format_table", "RUN_LABELS"]
+__all__ = ["compare_modes", "summarize", "format_table", "RUN_LABELS", "backend_from_factory",
+           "measured_calibration"]
 
 RUN_LABELS = {"software": "software", "ex-situ": "ex-situ", "hardware-aware": "hardware-aware",
               ("hil", "nominal"): "hil (nominal)", ("hil", "calibrated"): "hil (calibrated)",
@@ -22,6 +23,45 @@ RUN_LABELS = {"software": "software", "ex-situ": "ex-situ", "hardware-aware": "h
 
 def _label(mode, surrogate):
     return RUN_LABELS[(mode, surrogate)] if mode == "hil" else RUN_LABELS[mode]
+
+
+def backend_from_factory(spec):
+    """Call an importable backend factory ``"package.module:function"`` (no arguments)
+    and return the backend it makes, e.g. a lab's ``InstrumentBackend``.
+
+    Used by ``sotcore-eval --instrument`` and sweeps (each worker makes its own)."""
+    import importlib
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"an instrument factory must be 'module:function', got {spec!r}")
+    mod, attr = spec.split(":")
+    try:
+        factory = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"instrument factory {spec}: cannot import it ({exc})") from None
+    backend = factory()
+    if not (hasattr(backend, "pulse") and hasattr(backend, "n_devices")):
+        raise ValueError(f"instrument factory {spec} returned {type(backend).__name__}, not a "
+                         "device backend (needs n_devices and pulse)")
+    return backend
+
+
+def measured_calibration(devices, seed, nominal=None, progress=False, **kw):
+    """Curves of ``devices`` measured by pulse sweeps (``calibrate_backend``), never
+    read from the truth: a population is measured through an emulator of it, a
+    backend through its own pulses.  ``nominal``: the first guess (default: the
+    devices' own nominal curve where known)."""
+    from .backends import EmulatedBackend
+    from .characterize import calibrate_backend
+    from .training import nominal_curve
+    backend = devices if hasattr(devices, "pulse") else EmulatedBackend(
+        devices, random_state=10_000 + int(seed))
+    if nominal is None:
+        curves = backend.device_curves() if hasattr(backend, "device_curves") else None
+        if curves is None:
+            raise ValueError("the devices' curves are unknown: give a first guess nominal="
+                             "(i50, scale)")
+        nominal = nominal_curve(curves)
+    return calibrate_backend(backend, tuple(nominal), progress=progress, **kw).population
 
 
 def compare_modes(X_train, y_train, X_test, y_test, *, population=None, backend=None,

@@ -27,23 +27,33 @@ from .exceptions import InvalidInputError
 
 __all__ = ["sweep_tasks", "run_task", "run_sweep", "load_results"]
 
-RUNS = ("software", "hardware-aware", "hil:nominal", "hil:straight-through")
+RUNS = ("software", "hardware-aware", "hil:nominal", "hil:calibrated", "hil:straight-through")
 
 
 def sweep_tasks(widths, variabilities, runs, seeds, *, dataset="digits", hidden=(100,),
-                n_samples=(1, 8, 32), estimator_params=None):
+                n_samples=(1, 8, 32), estimator_params=None, instrument=None, nominal=None):
     """The list of task dicts of a sweep (one per distinct width, variability, run, seed).
 
-    Repeated values (``widths=[10, 10]``) give one task, not two.
+    Repeated values (``widths=[10, 10]``) give one task, not two.  ``instrument``
+    (``"module:factory"``, see :func:`sotcore.experiments.backend_from_factory`)
+    runs every task on the lab's devices instead of emulated populations (widths
+    and variabilities then do not apply); ``nominal`` (i50, scale) is the first
+    guess of their calibration sweep.
     """
     tasks, seen = [], set()
+    if instrument is not None:
+        widths, variabilities = [float("nan")], [float("nan")]
     for w, v, run, seed in itertools.product(widths, variabilities, runs, seeds):
         if run not in RUNS:
             raise ValueError(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
-        task = {"width": float(w), "variability": float(v), "run": run, "seed": int(seed),
+        task = {"width": None if instrument else float(w),
+                "variability": None if instrument else float(v), "run": run, "seed": int(seed),
                 "dataset": str(dataset), "hidden": [int(h) for h in hidden],
                 "n_samples": [int(t) for t in n_samples],
                 "estimator_params": dict(estimator_params or {})}
+        if instrument is not None:
+            task["instrument"] = str(instrument)
+            task["nominal"] = None if nominal is None else [float(v) for v in nominal]
         task["key"] = hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest()[:16]
         if task["key"] not in seen:
             seen.add(task["key"])
@@ -71,12 +81,20 @@ def run_task(task):
     Each record carries ``task_records``, the number of records of its task,
     so a task whose records were only partly written is seen as not done.
     """
-    from .experiments import compare_modes
+    from .experiments import compare_modes, measured_calibration
     Xtr, ytr, Xte, yte = _dataset(task["dataset"])
     mode, _, surrogate = task["run"].partition(":")
     modes = ("software", "ex-situ") if mode == "software" else (mode,)
-    recs = compare_modes(Xtr, ytr, Xte, yte, width=task["width"],
+    backend, calibration = None, None
+    if task.get("instrument"):
+        nominal = task.get("nominal")
+        backend, calibration = _instrument(task["instrument"],
+                                           None if nominal is None else tuple(nominal))
+    elif mode == "hardware-aware" or surrogate == "calibrated":
+        calibration = measured_calibration
+    recs = compare_modes(Xtr, ytr, Xte, yte, width=task["width"] or 20.0,
                          variability=task["variability"], hidden_layer_sizes=task["hidden"],
+                         backend=backend, calibration=calibration,
                          modes=modes, surrogates=(surrogate or "nominal",),
                          n_samples=task["n_samples"], seeds=(task["seed"],),
                          estimator_params=task["estimator_params"], progress=False)
@@ -84,6 +102,14 @@ def run_task(task):
         r["key"] = task["key"]
         r["task_records"] = len(recs)
     return recs
+
+
+@functools.lru_cache(maxsize=2)
+def _instrument(spec, nominal):
+    """(backend, measured calibration) of an instrument, once per worker process."""
+    from .experiments import backend_from_factory, measured_calibration
+    backend = backend_from_factory(spec)
+    return backend, measured_calibration(backend, 0, nominal=nominal)
 
 
 _WATCHED = None

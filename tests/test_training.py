@@ -182,7 +182,7 @@ def test_alpha_shrinks_the_weights():
 
 @pytest.mark.parametrize("mode, surrogate", [("hardware-aware", "nominal"),
                                               ("hil", "calibrated")])
-def test_two_hidden_layers_learn(mode, surrogate):
+def test_two_hidden_layers_learn_with_device_surrogates(mode, surrogate):
     from sklearn.model_selection import train_test_split
     from sotcore.datasets import load_digits
     X, y = load_digits()
