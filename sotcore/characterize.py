@@ -403,24 +403,31 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
         if bar is not None:
             bar.total -= (m - devs.size) * plan["fine"]   # unbracketed: no fine sweep
             bar.refresh()
-        for r in range(max_refine + 1):
-            if devs.size:
-                lo = np.maximum(lo_lim, centre[devs] - half[devs])
-                hi = np.minimum(hi_lim, centre[devs] + half[devs])
-                fine_lo[devs], fine_hi[devs] = lo, hi
-                grids = lo + np.linspace(0.0, 1.0, n_points)[:, None] * (hi - lo)
-                _sweep(backend, log, devs, grids, pulses, stage, bar)
-            stage = 3
-            res = _fit(log, m, calibrate_kw)
+        res = None
+        for r in range(max_refine + 1 if devs.size else 0):
+            lo = np.maximum(lo_lim, centre[devs] - half[devs])
+            hi = np.minimum(hi_lim, centre[devs] + half[devs])
+            fine_lo[devs], fine_hi[devs] = lo, hi
+            grids = lo + np.linspace(0.0, 1.0, n_points)[:, None] * (hi - lo)
+            _sweep(backend, log, devs, grids, pulses, stage, bar)
+            stage, res = 3, None
             if r == max_refine:
                 break
+            # Fit the bracketed devices only: the others' one-sided data can stall a fit.
+            res = _fit(log, bracketed, calibrate_kw)
             devs = _needs_refine(res, bracketed, fine_lo, fine_hi, half, lo_lim, hi_lim,
                                  centre, span, log.used, plan["fine"], budget, exhausted)
+            undefined = devs[~np.isfinite(centre[devs])]
+            if undefined.size:
+                pts = log.device_points(m)
+                centre[undefined] = [_crossing(*pts[j]) for j in undefined]
             if devs.size == 0:
                 break
             if bar is not None:
                 bar.total += devs.size * plan["fine"]
                 bar.refresh()
+        if res is None or not bracketed.all():
+            res = _fit(log, np.ones(m, dtype=bool), calibrate_kw)
     finally:
         if bar is not None:
             bar.close()
@@ -462,35 +469,40 @@ def _sweep(backend, log, devs, grids, pulses, stage, bar):
     log.add(devs, grids, pulses, switched, stage)
 
 
-def _fit(log, m, calibrate_kw):
-    """Fit the fine sweeps (a device without one: its coarse scan).  Coarse points far
-    from the curve are left out: there a single read error (or a tail that is not
-    logistic) would dominate the fit and its goodness-of-fit test."""
+def _fit(log, which, calibrate_kw):
+    """Fit the devices ``which`` (mask): their fine sweeps, or their coarse scan if they
+    had none.  Coarse points far from the curve are left out: there a single read
+    error (or a tail that is not logistic) would dominate the fit and its
+    goodness-of-fit test."""
     t = log.table()
     fine = t["stage"] >= 2
-    has_fine = np.bincount(t["device"][fine], minlength=m) > 0
-    use = fine | ~has_fine[t["device"]]
+    has_fine = np.bincount(t["device"][fine], minlength=which.size) > 0
+    use = (fine | ~has_fine[t["device"]]) & which[t["device"]]
     return calibrate({"device": t["device"][use], "current": t["current"][use],
                       "pulses": t["pulses"][use], "switched": t["switched"][use]},
                      progress=False, **calibrate_kw)
 
 
 def _order(res, m):
-    """Index into ``res.per_device`` rows for backend devices 0..m-1."""
+    """Row of ``res.per_device`` for each backend device 0..m-1 (-1: not in the fit)."""
     labels = np.array([int(v) for v in res.per_device["device"]], dtype=np.int64)
-    pos = np.empty(m, dtype=np.int64)
+    pos = np.full(m, -1, dtype=np.int64)
     pos[labels] = np.arange(labels.size)
     return pos
+
+
+def _column(res, name, pos):
+    """Per-device column ``name`` in backend device order, NaN where not fitted."""
+    col = np.asarray(res.per_device[name], dtype=np.float64)
+    return np.where(pos >= 0, col[np.maximum(pos, 0)], np.nan)
 
 
 def _needs_refine(res, bracketed, fine_lo, fine_hi, half, lo_lim, hi_lim, centre, span, used,
                   fine_cost, budget, exhausted):
     """Devices whose last fine sweep missed their fitted curve; updates centre/half."""
     m = bracketed.size
-    f = res.per_device
     pos = _order(res, m)
-    i50 = np.asarray(f["i50"], dtype=np.float64)[pos]
-    scale = np.asarray(f["scale"], dtype=np.float64)[pos]
+    i50, scale = _column(res, "i50", pos), _column(res, "scale", pos)
     width = fine_hi - fine_lo
     edge = width / 6.0
     with np.errstate(invalid="ignore"):
@@ -504,8 +516,8 @@ def _needs_refine(res, bracketed, fine_lo, fine_hi, half, lo_lim, hi_lim, centre
     exhausted |= need & ~afford
     devs = np.flatnonzero(need & afford)
     for j in devs:
-        if np.isfinite(i50[j]) and lo_lim <= i50[j] <= hi_lim:
-            centre[j] = i50[j]
+        # an undefined fit: re-locate from all the data (the caller does, on NaN)
+        centre[j] = i50[j] if np.isfinite(i50[j]) and lo_lim <= i50[j] <= hi_lim else np.nan
         if np.isfinite(want_half[j]):
             half[j] = min(max(want_half[j], 0.25 * half[j]), 4.0 * half[j])
     return devs
