@@ -15,7 +15,8 @@ The scan, per device (:func:`calibrate_backend` has the details):
 3. a fine sweep around the bracketed point, repeated (moved and resized from
    the fit) while the fitted I50 sits near the sweep's edge or the fitted
    window does not match the swept one;
-4. one :func:`sotcore.calibrate` fit of everything measured, plus flags.
+4. one :func:`sotcore.calibrate` fit of the fine sweeps (of the coarse scan for a
+   device that was not bracketed), plus flags.
 """
 import math
 import numbers
@@ -28,7 +29,7 @@ from .calibration import calibrate
 from .devices import WINDOW_PER_SCALE, DevicePopulation
 from .exceptions import InvalidInputError
 
-__all__ = ["calibrate_backend", "estimate_calibration_pulses", "DEFAULT_MAX_PULSES"]
+__all__ = ["calibrate_backend", "estimate_calibration_pulses", "DEFAULT_MAX_PULSES", "STAGES"]
 
 #: Default pulse budget per device.  The default scan needs 3,320 pulses per
 #: device for a good guess; the rest pays for expanding the coarse scan and
@@ -39,19 +40,22 @@ DEFAULT_MAX_PULSES = 10_000
 #: current is not stuck, whatever the fit says.
 _SWITCHING_BAND = (0.05, 0.95)
 
-#: Pulses per backend call (whole sweeps are sent, at least one per call):
-#: large enough for the emulator's throughput, small enough for a live bar.
+#: Pulses per backend call: large enough for the emulator's throughput, small
+#: enough for a live bar and bounded memory.
 _PULSES_PER_CALL = 50_000
+
+#: Most currents per sweep (the scan log holds one row per current and device).
+_MAX_POINTS = 10_000
 
 #: Stage codes in ``result.scan["stage"]``.
 STAGES = ("coarse", "expand", "fine", "refine")
 
 
-def _int_arg(value, name, low):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
-    if value < low:
-        raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+def _int_arg(value, name, low, high=None):
+    rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < low or (high is not None and value > high):
+        raise InvalidInputError(f"{name} must be an integer {rule}, got {value!r}")
     return int(value)
 
 
@@ -68,9 +72,9 @@ def _real_arg(value, name, *, low=None, low_open=False):
 
 def _plan(coarse_points, coarse_pulses, n_points, pulses, max_pulses):
     """Validated scan sizes and the pulses per device they imply."""
-    coarse_points = _int_arg(coarse_points, "coarse_points", 5)
+    coarse_points = _int_arg(coarse_points, "coarse_points", 5, _MAX_POINTS)
     coarse_pulses = _int_arg(coarse_pulses, "coarse_pulses", 1)
-    n_points = _int_arg(n_points, "n_points", 3)
+    n_points = _int_arg(n_points, "n_points", 3, _MAX_POINTS)
     pulses = _int_arg(pulses, "pulses", 1)
     segment_points = (coarse_points - 1) // 2
     plan = {"coarse": coarse_points * coarse_pulses, "fine": n_points * pulses,
@@ -105,10 +109,10 @@ def estimate_calibration_pulses(n_devices, *, coarse_points=41, coarse_pulses=20
     dict
         ``per_device`` (coarse scan + one fine sweep: what a good guess costs),
         ``total`` (= ``per_device * n_devices``), ``per_device_max`` and
-        ``total_max`` (the budget; None if unlimited), ``coarse``, ``fine``
-        (per device), ``expand_step`` (pulses per device of each extra coarse
-        segment, also the cost of a refine sweep's share: see ``fine``), and
-        ``seconds`` / ``seconds_max`` when ``pulse_duration`` is given.
+        ``total_max`` (the budget; None if unlimited), per device ``coarse``
+        (first coarse grid), ``fine`` (one fine or refine sweep) and
+        ``expand_step`` (one extra coarse segment), and ``seconds`` /
+        ``seconds_max`` when ``pulse_duration`` is given.
     """
     n_devices = _int_arg(n_devices, "n_devices", 1)
     plan, _ = _plan(coarse_points, coarse_pulses, n_points, pulses, max_pulses)
@@ -152,11 +156,10 @@ class _Log:
         self.used = np.zeros(n_devices, dtype=np.int64)
 
     def add(self, devs, grids, pulses, switched, stage):
-        g = grids.shape[0]
+        """Log counts: ``grids``, ``pulses``, ``switched`` of shape (currents, devices)."""
         self.blocks.append((np.broadcast_to(devs, grids.shape).ravel(), grids.ravel(),
-                            np.full(grids.size, pulses, dtype=np.int64), switched.ravel(),
+                            pulses.ravel().astype(np.int64), switched.ravel(),
                             np.full(grids.size, stage, dtype=np.int8)))
-        self.used[devs] += g * pulses
 
     def table(self):
         cols = [np.concatenate([b[i] for b in self.blocks]) for i in range(5)]
@@ -265,13 +268,16 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
     Returns
     -------
     CalibrationResult
-        The fit of every pulse measured (coarse and fine), with extra
-        ``per_device`` columns (in backend device order):
+        The fit of each bracketed device's fine sweeps (coarse points far from
+        the curve are left out: one read error there would dominate the fit)
+        and of the other devices' coarse scans, with extra ``per_device``
+        columns (rows in backend device order):
 
         - ``not_bracketed``: no measured current with a switched fraction
           <= 1/2 below one with >= 1/2 (within the limits and the budget);
-        - ``extrapolated``: the fitted I50 lies outside the measured currents
-          (or is undefined for a device that is not stuck);
+        - ``extrapolated``: the fitted I50 lies outside the currents fitted
+          (``current_min`` .. ``current_max``), or is undefined for a device
+          that is not stuck;
         - ``stuck``: calibrate's verdict, cleared for any device that switched
           with a fraction in [0.05, 0.95] at some measured current.
 
@@ -297,6 +303,9 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
         bad ``calibrate_kw``; nothing has been pulsed.
     BackendError
         The backend failed or returned something that is not a bit array.
+        Any exception raised while scanning carries ``pulses_used`` and
+        ``scan`` (the sweeps measured so far, as in ``result.scan``; None if
+        nothing was measured), so a failed lab run is not lost.
 
     Notes
     -----
@@ -428,6 +437,11 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
                 bar.refresh()
         if res is None or not bracketed.all():
             res = _fit(log, np.ones(m, dtype=bool), calibrate_kw)
+    except Exception as exc:
+        # What was measured survives a failing instrument (a lab run is expensive).
+        exc.pulses_used = log.used.copy()
+        exc.scan = log.table() if log.blocks else None
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -450,23 +464,31 @@ def _check_calibrate_kw(calibrate_kw):
 
 def _sweep(backend, log, devs, grids, pulses, stage, bar):
     """Pulse device ``devs[c]`` at currents ``grids[:, c]``, ``pulses`` times each, in
-    whole sweeps (every current once before any again); log the counts."""
+    whole sweeps (every current once before any again); log the counts, also of a
+    sweep cut short by a failing backend."""
     g, k = grids.shape
     select = slice(0, int(backend.n_devices)) if (k == backend.n_devices and
                                                   np.array_equal(devs, np.arange(k))) \
         else devs.astype(np.int64)
     switched = np.zeros((g, k), dtype=np.int64)
-    per_call = max(1, _PULSES_PER_CALL // (g * k))
-    done = 0
-    while done < pulses:
-        s = min(per_call, pulses - done)
-        rows = np.tile(grids, (s, 1))
-        bits = check_bits(backend.pulse(rows, select), rows.shape, type(backend).__name__)
-        switched += bits.reshape(s, g, k).sum(axis=0, dtype=np.int64)
-        done += s
-        if bar is not None:
-            bar.update(rows.size)
-    log.add(devs, grids, pulses, switched, stage)
+    applied = np.zeros(g, dtype=np.int64)
+    chunk = max(1, _PULSES_PER_CALL // k)       # rows per call: bounded memory
+    total = g * pulses
+    try:
+        for r0 in range(0, total, chunk):
+            idx = np.arange(r0, min(total, r0 + chunk)) % g
+            rows = grids[idx]
+            bits = check_bits(backend.pulse(rows, select), rows.shape, type(backend).__name__)
+            np.add.at(switched, idx, bits)
+            np.add.at(applied, idx, 1)
+            log.used[devs] += idx.size
+            if bar is not None:
+                bar.update(rows.size)
+    finally:
+        done = applied > 0
+        if done.any():
+            log.add(devs, grids[done], np.repeat(applied[done, None], k, axis=1),
+                    switched[done], stage)
 
 
 def _fit(log, which, calibrate_kw):

@@ -193,20 +193,22 @@ def test_positive_guess_default_stays_at_or_above_zero(global_random_seed):
 
 # ---- limits and budget -----------------------------------------------------------------
 def test_never_pulses_outside_the_limits(global_random_seed):
-    # device 1 switches only far above max_current, device 2 always below min_current
-    i50 = np.array([1e-3, 9e-3, -1e-3])
-    lab = _Lab(i50, np.full(3, 3e-5), global_random_seed, lo=2e-4, hi=1.6e-3)
-    be = InstrumentBackend(lab, n_devices=3)
+    # device 1 switches only far above max_current, device 2 always below min_current;
+    # devices 3 and 4 sit just inside the limits (their fine sweeps must be clipped)
+    i50 = np.array([1e-3, 9e-3, -1e-3, 1.58e-3, 0.22e-3])
+    lab = _Lab(i50, np.full(5, 3e-5), global_random_seed, lo=2e-4, hi=1.6e-3)
+    be = InstrumentBackend(lab, n_devices=5)
     res = calibrate_backend(be, (1.2e-3, 3e-5), min_current=2e-4, max_current=1.6e-3,
                             progress=False)
     f = res.per_device
-    assert f["not_bracketed"].tolist() == [False, True, True]
-    assert f["stuck"].tolist() == [False, True, True]   # no switching seen within limits
+    assert f["not_bracketed"].tolist() == [False, True, True, False, False]
+    assert f["stuck"].tolist() == [False, True, True, False, False]   # none seen in limits
+    assert res.scan["current"].max() == 1.6e-3 and res.scan["current"].min() == 2e-4
     pop = res.population
     assert pop.stuck[1] and pop.p_lo[1] == 0.0 and pop.i50[1] == pytest.approx(1.6e-3)
     assert pop.stuck[2] and pop.p_lo[2] == 1.0 and pop.i50[2] == pytest.approx(2e-4)
     # unbracketed devices are not given a fine sweep
-    assert set(res.scan["stage"][res.scan["device"] != 0]) <= {0, 1}
+    assert set(res.scan["stage"][np.isin(res.scan["device"], [1, 2])]) <= {0, 1}
 
 
 def test_only_unbracketed_devices_are_pulsed_again(global_random_seed):
@@ -341,6 +343,29 @@ def test_calibrate_kw_pass_through_and_isotonic_population(global_random_seed):
     assert res.population.nonparametric.tolist() == [True, True, False]
     assert res.population.stuck.tolist() == [False, False, True]
     assert res.per_device["not_bracketed"].tolist() == [False, False, True]
+
+
+def test_a_failing_instrument_keeps_what_was_measured():
+    lab = _Lab([1e-3, 1.1e-3], [3e-5, 3e-5], 0)
+    calls = []
+
+    def flaky(currents, idx):
+        calls.append(currents.shape[0])
+        if len(calls) == 3:
+            raise OSError("instrument timeout")
+        return lab(currents, idx)
+    be = InstrumentBackend(flaky, n_devices=2, max_batch=500)
+    with pytest.raises(sotcore.BackendError, match="timeout") as info:
+        calibrate_backend(be, (1e-3, 3e-5), progress=False)
+    np.testing.assert_array_equal(info.value.pulses_used, be.pulse_counts)
+    scan = info.value.scan
+    assert scan["pulses"].sum() == be.pulse_counts.sum() > 0
+
+
+def test_sizes_are_bounded():
+    with pytest.raises(InvalidInputError, match="n_points"):
+        calibrate_backend(InstrumentBackend(_Lab([1e-3], [3e-5], 0), 1), (1e-3, 3e-5),
+                          n_points=10**9, max_pulses=None)
 
 
 # ---- progress --------------------------------------------------------------------------
