@@ -118,6 +118,13 @@ def test_guess_3x_off_emulated(factor, scale_too, global_random_seed):
     np.testing.assert_array_equal(res.pulses_used, be.pulse_counts)
     assert res.pulses_used.max() <= DEFAULT_MAX_PULSES
     assert (res.scan["current"] <= hi).all() and (res.scan["current"] >= lo).all()
+    # the last fine sweep fits the device's own window (resized by refine sweeps)
+    t = res.scan
+    for j in np.flatnonzero(inside):
+        last = t["stage"][t["device"] == j].max()
+        cur = t["current"][(t["device"] == j) & (t["stage"] == last)]
+        ratio = (cur.max() - cur.min()) / (2 * 1.5 * WINDOW_PER_SCALE * pop.scale[j])
+        assert 0.5 < ratio < 2.0, (j, ratio)
 
 
 def _thermal(seed, ic, delta=60.0, attempts=1e4):
@@ -261,6 +268,19 @@ def test_estimate_calibration_pulses_matches_a_run():
     assert small["per_device"] == 11 * 4 + 5 * 10 and small["total_max"] is None
     with pytest.raises(InvalidInputError, match="max_pulses"):
         estimate_calibration_pulses(3, max_pulses=PLANNED - 1)
+
+
+def test_fine_sweep_is_centred_on_the_interpolated_crossing(global_random_seed):
+    # I50 midway between two coarse currents (1.25 scales apart): a precise coarse
+    # scan must centre the fine sweep there, not on a grid point
+    s, guess = 2e-5, 1e-3
+    step = 2 * 0.5 * max(guess, 4 * WINDOW_PER_SCALE * s) / 40     # the coarse grid's
+    i50 = guess + 3.5 * step
+    lab = _Lab([i50], [s], global_random_seed)
+    res = calibrate_backend(InstrumentBackend(lab, 1), (guess, s), coarse_pulses=2000,
+                            max_pulses=None, progress=False)
+    fine = res.scan["current"][res.scan["stage"] == 2]
+    assert abs(0.5 * (fine.min() + fine.max()) - i50) < 0.25 * step
 
 
 # ---- refine sweeps and the flags -------------------------------------------------------
