@@ -288,7 +288,9 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
         working device), with ``i50`` the measured current nearest their
         50 % point (the highest for a device that switched too little, the
         lowest for one that switched too much) and the nominal scale.  Their
-        fitted numbers stay in ``per_device`` for inspection.
+        fitted numbers stay in ``per_device`` for inspection, and
+        ``population.meta["characterize"]`` lists them (``not_bracketed``,
+        ``extrapolated``) with the limits and the pulses used.
         ``result.pulses_used`` (int64, per device) counts the pulses applied;
         ``result.scan`` holds what was measured: ``device, current, pulses,
         switched, stage`` (one row per current of each sweep; ``stage``
@@ -321,7 +323,7 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
     A refine sweep is run (at most ``max_refine`` times) for a bracketed
     device whose fitted I50 lies in the outer sixth of its last fine sweep on
     a side that is not a current limit, is undefined, or whose fitted window
-    ``span * W_fit`` differs from the swept half-width by more than 2x; it
+    ``span * W_fit`` differs from the swept half-width by more than 1.5x; it
     is centred on the fitted I50 (or the measured crossing) with half-width
     ``span * W_fit`` (limited to 4x change per sweep).
 
@@ -450,8 +452,10 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
 
 def _check_calibrate_kw(calibrate_kw):
     """Run calibrate's own validation on a tiny synthetic table, before any pulse."""
-    table = {"device": np.zeros(7, dtype=np.int64), "current": np.linspace(-3.0, 3.0, 7),
-             "pulses": np.full(7, 20), "switched": np.array([0, 1, 4, 10, 16, 19, 20])}
+    # A clean logistic device (11 currents, 100 pulses each): any model family fits it.
+    table = {"device": np.zeros(11, dtype=np.int64), "current": np.linspace(-5.0, 5.0, 11),
+             "pulses": np.full(11, 100),
+             "switched": np.array([1, 2, 5, 12, 27, 50, 73, 88, 95, 98, 99])}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -531,7 +535,7 @@ def _needs_refine(res, bracketed, fine_lo, fine_hi, half, lo_lim, hi_lim, centre
         low_edge = (i50 < fine_lo + edge) & (fine_lo > lo_lim)
         high_edge = (i50 > fine_hi - edge) & (fine_hi < hi_lim)
         want_half = span * WINDOW_PER_SCALE * scale
-        sized = (want_half > 2.0 * half) | (want_half < 0.5 * half)
+        sized = (want_half > 1.5 * half) | (want_half < half / 1.5)
     undefined = ~np.isfinite(i50)
     need = bracketed & (low_edge | high_edge | sized | undefined)
     afford = used + fine_cost <= budget
@@ -569,26 +573,33 @@ def _finish(res, log, m, br, exhausted, lo_lim, hi_lim, sn):
     f["stuck"] = stuck[inv]
 
     untrusted = not_bracketed | extrapolated
-    if untrusted.any():
-        d = res.population.to_dict()
-        level = np.array([k.sum() / n.sum() for _, n, k in pts])
-        # Nearest measured current to the 50 % point: above all if it never reached 1/2.
-        edge = np.where(np.isnan(br[:, 1]), cmax, np.where(np.isnan(br[:, 0]), cmin, i50))
-        edge = np.where(np.isfinite(edge), edge, 0.5 * (cmin + cmax))
-        rows = pos[untrusted]
-        for key in ("i50", "scale", "p_lo", "p_hi"):
-            d[key] = list(d[key])
-        for j, r in zip(np.flatnonzero(untrusted), rows):
-            d["i50"][r], d["scale"][r] = float(edge[j]), float(sn)
-            d["p_lo"][r] = d["p_hi"][r] = float(level[j])
-        tables = d.get("tables")
-        if tables is not None:
-            keep = [i for i, dev in enumerate(tables["devices"]) if dev not in set(rows)]
-            if keep:
-                d["tables"] = {key: [tables[key][i] for i in keep] for key in tables}
-            else:
-                del d["tables"]
-        res.population = DevicePopulation.from_dict(d, source="calibrate_backend")
+    d = res.population.to_dict()
+    level = np.array([k.sum() / n.sum() for _, n, k in pts])
+    rows = pos[untrusted]
+    for key in ("i50", "scale", "p_lo", "p_hi"):
+        d[key] = list(d[key])
+    for j, r in zip(np.flatnonzero(untrusted), rows):
+        # The measured current nearest the 50 % point: the highest for a device that
+        # never reached 1/2, the lowest for one always above, else the crossing.
+        edge = (cmax[j] if np.isnan(br[j, 1]) else cmin[j] if np.isnan(br[j, 0])
+                else _crossing(*pts[j]))
+        d["i50"][r], d["scale"][r] = float(edge), float(sn)
+        d["p_lo"][r] = d["p_hi"][r] = float(level[j])
+    tables = d.get("tables")
+    if tables is not None and rows.size:
+        drop = set(rows.tolist())
+        keep = [i for i, dev in enumerate(tables["devices"]) if dev not in drop]
+        if keep:
+            d["tables"] = {key: [tables[key][i] for i in keep] for key in tables}
+        else:
+            del d["tables"]
+    # Saved populations say which devices are placeholders, and the limits scanned.
+    d["meta"] = {**d.get("meta", {}), "characterize": {
+        "not_bracketed": np.flatnonzero(not_bracketed).tolist(),
+        "extrapolated": np.flatnonzero(extrapolated).tolist(),
+        "min_current": lo_lim, "max_current": hi_lim,
+        "pulses_used": log.used.tolist()}}
+    res.population = DevicePopulation.from_dict(d, source="calibrate_backend")
     res.pulses_used = log.used.copy()
     t = log.table()
     res.scan = {**t, "bracket_low": br[:, 0], "bracket_high": br[:, 1],
