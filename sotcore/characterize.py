@@ -231,8 +231,8 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
         and sigmoid scale (> 0, amperes).  They set the scan's ranges only.
     max_current : float, optional
         Highest current ever applied (amperes, > the guessed I50).  Default:
-        ``i50 + 3 * reach`` (4x the guess for a guess of a window or more;
-        ``reach`` is defined in Notes); to scan further, set it.
+        ``i50 + 3 * reach`` (``reach`` is defined in Notes): 4x the guess
+        when the guess is at least 4 nominal windows.  To scan further, set it.
     min_current : float, optional
         Lowest current ever applied (amperes, < the guessed I50; may be
         negative).  Default 0 for a positive guess, else ``i50 - 3 * reach``.
@@ -305,9 +305,10 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
         bad ``calibrate_kw``; nothing has been pulsed.
     BackendError
         The backend failed or returned something that is not a bit array.
-        Any exception raised while scanning carries ``pulses_used`` and
-        ``scan`` (the sweeps measured so far, as in ``result.scan``; None if
-        nothing was measured), so a failed lab run is not lost.
+        Any exception raised while scanning (also KeyboardInterrupt) carries
+        ``pulses_used`` and ``scan`` (the sweeps measured so far, as in
+        ``result.scan``; None if nothing was measured), so a failed lab run
+        is not lost.
 
     Notes
     -----
@@ -439,15 +440,16 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
                 bar.refresh()
         if res is None or not bracketed.all():
             res = _fit(log, np.ones(m, dtype=bool), calibrate_kw)
-    except Exception as exc:
-        # What was measured survives a failing instrument (a lab run is expensive).
+    except BaseException as exc:
+        # What was measured survives a failing instrument or a Ctrl-C (lab time is
+        # expensive).
         exc.pulses_used = log.used.copy()
         exc.scan = log.table() if log.blocks else None
         raise
     finally:
         if bar is not None:
             bar.close()
-    return _finish(res, log, m, br, exhausted, lo_lim, hi_lim, sn)
+    return _finish(res, log, m, exhausted, lo_lim, hi_lim, sn)
 
 
 def _check_calibrate_kw(calibrate_kw):
@@ -549,7 +551,7 @@ def _needs_refine(res, bracketed, fine_lo, fine_hi, half, lo_lim, hi_lim, centre
     return devs
 
 
-def _finish(res, log, m, br, exhausted, lo_lim, hi_lim, sn):
+def _finish(res, log, m, exhausted, lo_lim, hi_lim, sn):
     """Add the flags, the safe population, ``pulses_used`` and ``scan`` to ``res``."""
     f = res.per_device
     pos = _order(res, m)
