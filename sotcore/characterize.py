@@ -208,6 +208,15 @@ def _crossing(cur, n, k):
     return float(cur[i - 1] + min(max(t, 0.0), 1.0) * (cur[i] - cur[i - 1]))
 
 
+def _tight_bracket(cur, n, k, c):
+    """The nearest measured currents around ``c`` with fraction <= 1/2 below it and
+    >= 1/2 above it (the measured range's ends where there is none)."""
+    f = k / n
+    below = cur[(cur <= c) & (f <= 0.5)]
+    above = cur[(cur >= c) & (f >= 0.5)]
+    return (below[-1] if below.size else cur[0]), (above[0] if above.size else cur[-1])
+
+
 def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
                       max_pulses=DEFAULT_MAX_PULSES, coarse_span=0.5, coarse_points=41,
                       coarse_pulses=20, expand_factor=2.0, n_points=25, pulses=100, span=1.5,
@@ -325,8 +334,10 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
     device whose fitted I50 lies in the outer sixth of its last fine sweep on
     a side that is not a current limit, is undefined, or whose fitted window
     ``span * W_fit`` differs from the swept half-width by more than 1.5x; it
-    is centred on the fitted I50 (or the measured crossing) with half-width
-    ``span * W_fit`` (limited to 4x change per sweep).
+    is centred on the fitted I50 with half-width ``span * W_fit`` (limited to
+    4x change per sweep), or, when the fitted I50 is undefined or beyond the
+    limits, spans at least the tightest measured bracket around the measured
+    crossing (so a sweep that missed a steep curve closes in on it).
 
     Requests name each device at most once and only devices still being
     scanned; every current of a sweep is visited once before any is visited
@@ -429,10 +440,13 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
             res = _fit(log, bracketed, calibrate_kw)
             devs = _needs_refine(res, bracketed, fine_lo, fine_hi, half, lo_lim, hi_lim,
                                  centre, span, log.used, plan["fine"], budget, exhausted)
-            undefined = devs[~np.isfinite(centre[devs])]
-            if undefined.size:
+            lost = devs[~np.isfinite(centre[devs])]
+            if lost.size:
+                # The sweep missed the curve: sweep the tightest measured bracket.
                 pts = log.device_points(m)
-                centre[undefined] = [_crossing(*pts[j]) for j in undefined]
+                for j in lost:
+                    a, b = _tight_bracket(*pts[j], _crossing(*pts[j]))
+                    centre[j], half[j] = 0.5 * (a + b), max(half[j], 0.5 * (b - a))
             if devs.size == 0:
                 break
             if bar is not None:
@@ -544,8 +558,10 @@ def _needs_refine(res, bracketed, fine_lo, fine_hi, half, lo_lim, hi_lim, centre
     exhausted |= need & ~afford
     devs = np.flatnonzero(need & afford)
     for j in devs:
-        # an undefined fit: re-locate from all the data (the caller does, on NaN)
-        centre[j] = i50[j] if np.isfinite(i50[j]) and lo_lim <= i50[j] <= hi_lim else np.nan
+        # An undefined fit (or one beyond the limits) is no guide: NaN tells the
+        # caller to re-locate the device from its measured bracket.
+        ok = np.isfinite(i50[j]) and lo_lim <= i50[j] <= hi_lim
+        centre[j] = i50[j] if ok else np.nan
         if np.isfinite(want_half[j]):
             half[j] = min(max(want_half[j], 0.25 * half[j]), 4.0 * half[j])
     return devs
