@@ -366,6 +366,7 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
     if progress is not None and not isinstance(progress, (bool, np.bool_)):
         raise InvalidInputError(f"progress must be True, False or None, got {progress!r}")
     reach, lo_lim, hi_lim = _limits(i50n, sn, min_current, max_current)
+    limits = (lo_lim, hi_lim)
     w_nom = WINDOW_PER_SCALE * sn
     _check_calibrate_kw(calibrate_kw)
 
@@ -382,7 +383,7 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
         grid = np.linspace(max(lo_lim, i50n - d0), min(hi_lim, i50n + d0), coarse_points)
         all_devs = np.arange(m)
         _sweep(backend, log, all_devs, np.repeat(grid[:, None], m, axis=1), coarse_pulses,
-               0, bar)
+               0, bar, limits)
         # ---- 2. expand each unbracketed device towards its 50 % point ---------------
         d_up = np.full(m, d0)
         d_dn = np.full(m, d0)
@@ -410,7 +411,7 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
             if bar is not None:
                 bar.total += devs.size * plan["expand_step"]
                 bar.refresh()
-            _sweep(backend, log, devs, grids, coarse_pulses, 1, bar)
+            _sweep(backend, log, devs, grids, coarse_pulses, 1, bar, limits)
         pts = log.device_points(m)
         br = np.array([_bracket(*p) for p in pts])
         bracketed = br[:, 0] <= br[:, 1]
@@ -432,7 +433,7 @@ def calibrate_backend(backend, nominal, *, max_current=None, min_current=None,
             hi = np.minimum(hi_lim, centre[devs] + half[devs])
             fine_lo[devs], fine_hi[devs] = lo, hi
             grids = lo + np.linspace(0.0, 1.0, n_points)[:, None] * (hi - lo)
-            _sweep(backend, log, devs, grids, pulses, stage, bar)
+            _sweep(backend, log, devs, grids, pulses, stage, bar, limits)
             stage, res = 3, None
             if r == max_refine:
                 break
@@ -482,10 +483,12 @@ def _check_calibrate_kw(calibrate_kw):
         raise InvalidInputError(f"calibrate_kw: {exc}") from None
 
 
-def _sweep(backend, log, devs, grids, pulses, stage, bar):
+def _sweep(backend, log, devs, grids, pulses, stage, bar, limits):
     """Pulse device ``devs[c]`` at currents ``grids[:, c]``, ``pulses`` times each, in
     whole sweeps (every current once before any again); log the counts, also of a
     sweep cut short by a failing backend."""
+    # Rounding in a grid must not step past a lab's limit, not even by one ulp.
+    grids = np.clip(grids, *limits)
     g, k = grids.shape
     select = slice(0, int(backend.n_devices)) if (k == backend.n_devices and
                                                   np.array_equal(devs, np.arange(k))) \

@@ -5,6 +5,8 @@ z over the devices of a test (family-wise false-failure rate 1e-4 per seed), so
 they hold for any seed while a wrong device, a shifted sweep or a mis-ordered
 table (errors of many standard errors) fails them.
 """
+import os
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -447,3 +449,33 @@ def test_negative_guess_accepted_and_not_a_backend_refused():
     res = calibrate_backend(InstrumentBackend(lab, 1), (-1e-3, 3e-5), progress=False)
     assert res.scan["max_current"] > -1e-3 > res.scan["min_current"]
     assert not res.per_device["not_bracketed"][0]
+
+
+# ---- property: any guess, any limits -------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=int(os.environ.get("SOTCORE_HYPOTHESIS_EXAMPLES", 15)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(i50=st.lists(st.floats(-4e-3, 4e-3), min_size=1, max_size=3),
+       log_scale=st.floats(np.log(2e-6), np.log(1e-4)),
+       guess=st.floats(-3e-3, 3e-3), log_guess_scale=st.floats(np.log(2e-6), np.log(1e-4)),
+       below=st.floats(1e-4, 5e-3), above=st.floats(1e-4, 5e-3), seed=st.integers(0, 2**31))
+def test_any_guess_brackets_or_flags_within_limits(i50, log_scale, guess, log_guess_scale,
+                                                   below, above, seed):
+    s = float(np.exp(log_scale))
+    lo, hi = guess - below, guess + above
+    lab = _Lab(i50, np.full(len(i50), s), seed, lo=lo, hi=hi)   # raises outside limits
+    be = InstrumentBackend(lab, n_devices=len(i50))
+    res = calibrate_backend(be, (guess, float(np.exp(log_guess_scale))), min_current=lo,
+                            max_current=hi, coarse_pulses=10, pulses=40, progress=False)
+    f = res.per_device
+    np.testing.assert_array_equal(res.pulses_used, be.pulse_counts)
+    assert res.pulses_used.max() <= DEFAULT_MAX_PULSES
+    flagged = f["not_bracketed"] | f["extrapolated"]
+    assert np.array_equal(res.population.stuck, flagged | f["stuck"])
+    ok = ~flagged & ~f["stuck"]
+    assert np.all((f["i50"][ok] >= f["current_min"][ok]) & (f["i50"][ok] <= f["current_max"][ok]))
+    # a device far inside the limits (P < 1e-3 at lo, > 1 - 1e-3 at hi) is bracketed
+    deep = (np.asarray(i50) - 7 * s > lo) & (np.asarray(i50) + 7 * s < hi)
+    assert not f["not_bracketed"][deep].any()
