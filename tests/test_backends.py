@@ -126,21 +126,6 @@ def test_replay_detects_divergence(pop, tmp_path):
         rp.pulse(I * 1.01)
 
 
-def test_calibrate_backend_measures_only_through_pulses():
-    from sotcore.characterize import calibrate_backend
-    from sotcore.training import nominal_curve
-    pop = sotcore.DevicePopulation.from_width(20.0, 200, variability=0.1, random_state=4)
-    be = EmulatedBackend(pop, 1)
-    res = calibrate_backend(be, nominal_curve(pop))
-    est = res.population
-    assert len(est) == 200
-    assert np.median(np.abs(est.i50 / pop.i50 - 1)) < 0.005
-    assert np.median(np.abs(est.scale / pop.scale - 1)) < 0.06
-    assert be.pulse_counts.min() == 41 * 20 + 25 * 100
-    with pytest.raises(ValueError, match="nominal"):
-        calibrate_backend(be, (0.0, 1e-5))
-
-
 def test_instrument_gets_exactly_the_devices_asked_in_order(pop):
     seen = []
 
