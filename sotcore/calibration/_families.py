@@ -24,7 +24,7 @@ import numpy as np
 from scipy.special import expit, log_expit, log_ndtr, ndtri, xlogy
 
 __all__ = ["PARAMETRIC", "FAMILIES", "MODELS", "family_probability", "family_derivative",
-           "family_quantile", "fit_family", "derived", "family_tables", "thermal_parameters",
+           "family_quantile", "fit_family", "loglik_log_space", "derived", "family_tables", "thermal_parameters",
            "from_i50_window", "SHAPE_BOUND", "DEFAULT_TAU0", "DEFAULT_PULSE_WIDTH"]
 
 PARAMETRIC = ("logistic", "probit", "thermal", "asymmetric")
@@ -163,6 +163,11 @@ def _evaluate(family, x, n, k, theta, fit_levels, lo_fixed, hi_fixed, need_info=
     w = n * np.exp(-logP - logQ)                                 # n / (P (1 - P))
     info = np.einsum("dm,dmp,dmq->dpq", w, J, J)
     return ll, score, info
+
+
+def loglik_log_space(family, x, n, k, theta, fit_levels, lo_fixed, hi_fixed):
+    """Binomial log-likelihood per device, computed in log space (exact in the tails)."""
+    return _evaluate(family, x, n, k, theta, fit_levels, lo_fixed, hi_fixed, False)
 
 
 def bounds(family, fit_levels, a_bound, log_scale_bounds, level_eps):
@@ -312,12 +317,14 @@ def derived(family, theta, cov, centre, half, fit_levels, lo_fixed, hi_fixed):
     return out
 
 
-def family_tables(family, params, G, tail=1e-6):
+def family_tables(family, params, G, tail=1e-10):
     """Sampling tables (grid_lo, grid_hi, probs) of fitted curves.
 
     The grid spans F = ``tail`` to ``1 - tail`` of each curve (clamped to
     its end values beyond), so the table differs from the curve by at most
-    ``tail`` outside it plus the linear-interpolation error inside.
+    ``tail`` outside it (below the sampler's 2**-32 resolution for the
+    default) plus the linear-interpolation error inside (~2e-5 with 1024
+    points).
     """
     loc, s, c = params[:, 0], params[:, 1], params[:, 2]
     glo = loc + s * family_quantile(family, tail, c)
