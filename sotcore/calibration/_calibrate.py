@@ -542,7 +542,12 @@ def _thermal_columns(col, d, rec, sel, tau0, pulse_width):
 
 
 def _quality(col, fit, n, k, P, counts, sat, confidence, tol):
-    """Deviance test, largest error with its binomial uncertainty, overdispersion."""
+    """Deviance test, largest error with its binomial uncertainty, overdispersion.
+
+    ``max_error_low`` is a lower confidence bound (level ``confidence`` for
+    the device) on the largest true |fitted - P| over the measured currents;
+    ``unusable`` when it exceeds ``tol``.
+    """
     live = n > 0
     nn = np.where(live, n, 1.0)
     dev = np.maximum(2.0 * (sat - col["loglik"][fit]), 0.0)
@@ -553,9 +558,12 @@ def _quality(col, fit, n, k, P, counts, sat, confidence, tol):
     se = np.sqrt(np.maximum(P * (1.0 - P), 1.0 / nn ** 2) / nn)  # floor: one switch
     j = np.argmax(err, axis=1)
     rows = np.arange(fit.size)
-    # Lower confidence bound of the worst misfit, Bonferroni over the currents.
+    # Lower confidence bound of the worst misfit: the distance from the fitted
+    # P to the Wilson interval of the measured P (Bonferroni over the currents;
+    # Wilson, unlike the normal interval, holds at few pulses and P near 0 or 1).
     zb = stats.norm.ppf(1.0 - (1.0 - confidence) / (2.0 * counts))
-    low = np.where(live, err - zb[:, None] * se, -np.inf).max(1)
+    wl, wh = npm.wilson_interval(k, nn, z=zb[:, None])
+    low = np.where(live, np.maximum(wl - P, P - wh), -np.inf).max(1)
     pearson = np.where(live, (k - n * P) ** 2 / np.maximum(n * P * (1 - P), 1e-12), 0.0).sum(1)
     nbar = n.sum(1) / counts
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -101,14 +101,20 @@ def fit_isotonic(cur, n, k, counts, fit, G, bar):
 
 
 
-def wilson_interval(k, n, confidence):
-    """Wilson score interval of a binomial proportion (arrays; n > 0)."""
-    z = stats.norm.ppf(0.5 + 0.5 * confidence)
+def wilson_interval(k, n, confidence=None, *, z=None):
+    """Wilson score interval of a binomial proportion (arrays; n > 0).
+
+    ``z`` (normal quantile, broadcastable) overrides ``confidence``.
+    """
+    if z is None:
+        z = stats.norm.ppf(0.5 + 0.5 * confidence)
     p = k / n
     den = 1.0 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return np.clip(mid - half, 0.0, 1.0), np.clip(mid + half, 0.0, 1.0)
+    # Exact ends: no switch (all switched) has lower (upper) limit 0 (1).
+    return (np.where(k <= 0, 0.0, np.clip(mid - half, 0.0, 1.0)),
+            np.where(k >= n, 1.0, np.clip(mid + half, 0.0, 1.0)))
 
 
 def _summaries(glo, ghi, probs):
