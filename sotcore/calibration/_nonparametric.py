@@ -136,6 +136,23 @@ def _summaries(glo, ghi, probs):
             lo, probs[:, -1])
 
 
+# A device's smoothed table is kept unless its deviance p-value is below this.
+_SMOOTH_PVALUE = 1e-3
+
+
+def _smooth(nb, kb, h):
+    """Pulse-weighted triangular-kernel bin probabilities and their effective dof."""
+    B = nb.size
+    offs = np.arange(-h, h + 1)
+    kern = h + 1.0 - np.abs(offs)
+    pos = np.arange(B)[:, None] + offs[None, :]
+    inside = (pos >= 0) & (pos < B)
+    pc = np.clip(pos, 0, B - 1)
+    wn = np.where(inside, kern * nb[pc], 0.0)
+    ps = np.where(inside, kern * kb[pc], 0.0).sum(1) / wn.sum(1)
+    return ps, float((kern[h] * nb / wn.sum(1)).sum())
+
+
 def fit_table(cur, n, k, counts, fit, G, max_bins, smoothing, confidence):
     """Binned, smoothed switching probabilities (any shape) tabulated on a uniform grid.
 
@@ -143,7 +160,8 @@ def fit_table(cur, n, k, counts, fit, G, max_bins, smoothing, confidence):
     consecutive currents with about equal pulse totals (every distinct
     current is its own bin when there are few enough); each bin's
     probability is a pulse-weighted triangular kernel average over
-    ``smoothing`` neighbouring bins on each side (0: none).  The table
+    ``smoothing`` neighbouring bins on each side (0: none); a device whose
+    data reject the smoothed curve (deviance p < 1e-3) keeps its raw bins.  The table
     interpolates linearly between bin currents (pulse-weighted means) and is
     flat beyond them.
 
@@ -157,8 +175,6 @@ def fit_table(cur, n, k, counts, fit, G, max_bins, smoothing, confidence):
     dev, dof, ll = np.empty(K), np.empty(K), np.empty(K)
     bins = []
     u = np.linspace(0.0, 1.0, G)
-    offs = np.arange(-smoothing, smoothing + 1)
-    kern = (smoothing + 1.0 - np.abs(offs))
     for j, d in enumerate(fit):
         m = counts[d]
         I, nd, kd = cur[d, :m], n[d, :m], k[d, :m]
@@ -171,17 +187,16 @@ def fit_table(cur, n, k, counts, fit, G, max_bins, smoothing, confidence):
         else:
             b = np.arange(m)
             nb, kb, ib = nd, kd, I
-        B = nb.size
-        pos = np.arange(B)[:, None] + offs[None, :]
-        inside = (pos >= 0) & (pos < B)
-        pc = np.clip(pos, 0, B - 1)
-        wn = np.where(inside, kern * nb[pc], 0.0)
-        ps = np.where(inside, kern * kb[pc], 0.0).sum(1) / wn.sum(1)
-        edf = float((kern[smoothing] * nb / wn.sum(1)).sum())
-        pf = np.clip(np.interp(I, ib, ps), 0.0, 1.0)
-        ll[j] = (xlogy(kd, pf) + xlogy(nd - kd, 1.0 - pf)).sum()
         sat = (xlogy(kd, kd / nd) + xlogy(nd - kd, (nd - kd) / nd)).sum()
-        dev[j] = max(2.0 * (sat - ll[j]), 0.0)
+        for h in ((smoothing, 0) if smoothing else (0,)):
+            ps, edf = _smooth(nb, kb, h)
+            pf = np.clip(np.interp(I, ib, ps), 0.0, 1.0)
+            ll[j] = (xlogy(kd, pf) + xlogy(nd - kd, 1.0 - pf)).sum()
+            dev[j] = max(2.0 * (sat - ll[j]), 0.0)
+            # Smoothing that the data reject (it blurs a sharp edge of a coarse
+            # sweep) is dropped for this device: raw bins instead.
+            if h == 0 or stats.chi2.sf(dev[j], max(m - edf, 0.5)) > _SMOOTH_PVALUE:
+                break
         dof[j] = m - edf
         glo[j], ghi[j] = ib[0], ib[-1]
         probs[j] = np.interp(glo[j] + (ghi[j] - glo[j]) * u, ib, ps)
