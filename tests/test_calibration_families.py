@@ -344,6 +344,19 @@ def test_table_model_represents_overdrive(global_random_seed):
     assert (auto["family"] == "table").all()
 
 
+def test_table_keeps_sharp_edges_of_coarse_sweeps(global_random_seed):
+    # 30 currents over 0.6-2.5 I50: the switching edge spans ~2 currents, so a
+    # smoothed table would miss it by ~0.1; such devices keep their raw bins.
+    base = _base(20, global_random_seed)
+    pop = family_population("logistic", base.i50, base.window, rollover=(1.3, 0.7))
+    cur = base.i50[:, None] * np.linspace(0.6, 2.5, 30)[None, :]
+    m = simulate_measurements(pop, currents=cur, pulses=400, random_state=global_random_seed)
+    f = calibrate(m, model="table").per_device
+    assert not f["rejected"].any() and (f["max_error"] < 0.05).all()
+    raw = calibrate(m, model="table", table_smoothing=0).per_device
+    assert (raw["max_error"] <= f["max_error"] + 1e-12).all()
+
+
 def test_table_bins_pool_many_currents():
     rng = np.random.default_rng(0)
     cur = np.sort(rng.uniform(1e-3, 3e-3, 3000))
@@ -443,6 +456,13 @@ def test_units_mixup_is_flagged():
     assert abs(row["i50_median"] / np.median(base.i50) - 1) < 0.02
     assert 7 in row["i50_outliers"] and row["i50_mean"] > 10 * row["i50_median"]
     assert "outliers" in res.report() and "implausible current" in res.report()
+    # Microampere devices with one in nA-as-uA: inside 1 nA..1 A, but 1000x off.
+    small = DevicePopulation.from_width(0.2, 30, random_state=0)
+    m = simulate_measurements(small, random_state=0)
+    m["current"] = m["current"].copy()
+    m["current"][m["device"] == 3] *= 1e3
+    with pytest.warns(UserWarning, match=r"more than 10x from the median"):
+        assert calibrate(m).flagged("implausible_current") == [3]
 
 
 def test_robust_width_fit_and_negative_trend(global_random_seed):
