@@ -71,8 +71,7 @@ def make_figure(result, true_slopes, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from sotcore.plotting import (plot_device_curves, plot_parameter_histograms,
-                                  plot_width_scaling)
+    from sotcore.plotting import plot_device_curves, plot_parameter_histograms, plot_width_scaling
     fig = Figure(figsize=(14, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots(2, 3)

@@ -13,8 +13,7 @@ from scipy import stats
 
 import sotcore
 from sotcore import DevicePopulation, calibrate, simulate_measurements
-from sotcore.calibration import (CalibrationResult, expected_standard_errors,
-                                 pulses_for_precision)
+from sotcore.calibration import CalibrationResult, expected_standard_errors, pulses_for_precision
 from sotcore.calibration._logistic import information as _information
 from sotcore.calibration._logistic import objective as _objective
 from sotcore.devices import DEFAULT_I50_PER_UM, DEFAULT_WINDOW_FRACTION, WINDOW_PER_SCALE

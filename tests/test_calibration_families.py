@@ -9,7 +9,7 @@ from scipy import stats
 
 import sotcore
 from sotcore import DevicePopulation, calibrate, simulate_measurements
-from sotcore.calibration import (MODELS, expected_standard_errors, family_population)
+from sotcore.calibration import MODELS, expected_standard_errors, family_population
 from sotcore.calibration import _families as fam
 from sotcore.devices import WINDOW_PER_SCALE
 

@@ -17,13 +17,24 @@ analytic logistic fit), ``_nonparametric`` (isotonic and table curves),
 ``_population`` (statistics, width scaling, unit checks), ``result``
 (:class:`CalibrationResult`, the report), ``lab`` (virtual lab, planning).
 """
-from ._calibrate import (DEFAULT_TABLE_BINS, DEFAULT_TABLE_SMOOTHING, MAX_ERROR_TOLERANCE,
-                         NONMONOTONE_PVALUE, POOR_FIT_PVALUE, calibrate)
+from ._calibrate import (
+                         DEFAULT_TABLE_BINS,
+                         DEFAULT_TABLE_SMOOTHING,
+                         MAX_ERROR_TOLERANCE,
+                         NONMONOTONE_PVALUE,
+                         POOR_FIT_PVALUE,
+                         calibrate,
+)
 from ._families import DEFAULT_PULSE_WIDTH, DEFAULT_TAU0, FAMILIES, MODELS, PARAMETRIC
 from ._measurements import COLUMN_ALIASES
 from ._population import CURRENT_RATIO, OUTLIER_Z, PLAUSIBLE_CURRENT
-from .lab import (DEFAULT_SPAN, expected_standard_errors, family_population,
-                  pulses_for_precision, simulate_measurements)
+from .lab import (
+                         DEFAULT_SPAN,
+                         expected_standard_errors,
+                         family_population,
+                         pulses_for_precision,
+                         simulate_measurements,
+)
 from .result import CalibrationResult
 
 __all__ = ["calibrate", "CalibrationResult", "simulate_measurements", "family_population",

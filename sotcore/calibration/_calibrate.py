@@ -7,6 +7,7 @@ import numpy as np
 from scipy import stats
 
 from ..devices import DEFAULT_TABLE_POINTS, WINDOW_PER_SCALE, DevicePopulation, _check_scalar
+from ..exceptions import InvalidInputError
 from . import _families as fam
 from . import _logistic as lg
 from . import _nonparametric as npm
@@ -53,16 +54,17 @@ def _one_blas_thread():
 
 def _resolve_model(model, method):
     if method is not None:
-        if method not in _LEGACY:
-            raise ValueError(f"method must be 'sigmoid' or 'isotonic' (alias of model=), "
+        if not isinstance(method, str) or method not in _LEGACY:
+            raise InvalidInputError(f"method must be 'sigmoid' or 'isotonic' (alias of model=), "
                              f"got {method!r}")
         if model is not None and model != _LEGACY[method]:
-            raise ValueError(f"method={method!r} and model={model!r} disagree; pass model= only")
+            raise InvalidInputError(
+                f"method={method!r} and model={model!r} disagree; pass model= only")
         return _LEGACY[method]
     if model is None:
         return "logistic"
     if not isinstance(model, str) or model not in fam.MODELS:
-        raise ValueError(f"model must be one of {', '.join(map(repr, fam.MODELS))}; "
+        raise InvalidInputError(f"model must be one of {', '.join(map(repr, fam.MODELS))}; "
                          f"got {model!r}")
     return model
 
@@ -153,7 +155,7 @@ def calibrate(measurements, *, model=None, method=None, levels=(0.0, 1.0), width
     measurements : str, path, DataFrame, structured array or dict of columns
         Columns ``device, current, pulses, switched`` and optional ``width``,
         or raw per-pulse records ``device, current, switched`` (0/1); see
-        :mod:`sotcore.calibration` for aliases and rules.  Currents in
+        :mod:`sotcore.calibration._measurements` for aliases and rules.  Currents in
         amperes, widths in micrometres.
     model : str, default "logistic"
         ``"logistic"``, ``"probit"``, ``"thermal"``, ``"asymmetric"`` (binomial
@@ -244,26 +246,26 @@ def calibrate(measurements, *, model=None, method=None, levels=(0.0, 1.0), width
     fit_levels = isinstance(levels, str)
     if fit_levels:
         if levels != "fit":
-            raise ValueError(f"levels must be 'fit' or a pair (p_lo, p_hi), got {levels!r}")
+            raise InvalidInputError(f"levels must be 'fit' or a pair (p_lo, p_hi), got {levels!r}")
         lo_fixed, hi_fixed = 0.0, 1.0
     else:
         try:
             lo_fixed, hi_fixed = levels
         except (TypeError, ValueError):
-            raise ValueError(f"levels must be 'fit' or a pair (p_lo, p_hi), "
+            raise InvalidInputError(f"levels must be 'fit' or a pair (p_lo, p_hi), "
                              f"got {levels!r}") from None
         lo_fixed = _check_scalar(lo_fixed, "levels[0] (p_lo)", low=0.0, high=1.0)
         hi_fixed = _check_scalar(hi_fixed, "levels[1] (p_hi)", low=0.0, high=1.0)
         if not lo_fixed < hi_fixed:
-            raise ValueError(f"levels must satisfy p_lo < p_hi, got {levels!r}")
+            raise InvalidInputError(f"levels must satisfy p_lo < p_hi, got {levels!r}")
     if model in ("isotonic", "table") and (fit_levels or (lo_fixed, hi_fixed) != (0.0, 1.0)):
-        raise ValueError(f"levels applies to the parametric models only; the {model} curve "
+        raise InvalidInputError(f"levels applies to the parametric models only; the {model} curve "
                          f"takes its levels from the data")
-    if selection not in ("aic", "bic"):
-        raise ValueError(f"selection must be 'aic' or 'bic', got {selection!r}")
+    if not isinstance(selection, str) or selection not in ("aic", "bic"):
+        raise InvalidInputError(f"selection must be 'aic' or 'bic', got {selection!r}")
     confidence = _check_scalar(confidence, "confidence", low=0.0, low_open=True)
     if confidence >= 1:
-        raise ValueError(f"confidence must be < 1, got {confidence}")
+        raise InvalidInputError(f"confidence must be < 1, got {confidence}")
     min_currents = _check_scalar(min_currents, "min_currents", low=3, integer=True)
     poor_fit_pvalue = _check_scalar(poor_fit_pvalue, "poor_fit_pvalue", low=0.0, high=1.0)
     nonmonotone_pvalue = _check_scalar(nonmonotone_pvalue, "nonmonotone_pvalue", low=0.0,
@@ -273,8 +275,9 @@ def calibrate(measurements, *, model=None, method=None, levels=(0.0, 1.0), width
     tau0 = _check_scalar(tau0, "tau0", low=0.0, low_open=True)
     pulse_width = _check_scalar(pulse_width, "pulse_width", low=0.0, low_open=True)
     if not pulse_width > tau0:
-        raise ValueError(f"pulse_width must be > tau0 (the thermal law needs t_p / tau0 > 1), "
-                         f"got pulse_width={pulse_width:g}, tau0={tau0:g}")
+        raise InvalidInputError(
+            f"pulse_width must be > tau0 (the thermal law needs t_p / tau0 > 1), "
+            f"got pulse_width={pulse_width:g}, tau0={tau0:g}")
     table_bins = _check_scalar(table_bins, "table_bins", low=3, high=100_000, integer=True)
     table_smoothing = _check_scalar(table_smoothing, "table_smoothing", low=0, high=100,
                                     integer=True)

@@ -24,7 +24,8 @@ import numpy as np
 from scipy.special import expit, log_expit, log_ndtr, ndtri, xlogy
 
 __all__ = ["PARAMETRIC", "FAMILIES", "MODELS", "family_probability", "family_derivative",
-           "family_quantile", "fit_family", "loglik_log_space", "derived", "family_tables", "thermal_parameters",
+           "family_quantile", "fit_family", "loglik_log_space", "derived", "family_tables",
+           "thermal_parameters",
            "from_i50_window", "SHAPE_BOUND", "DEFAULT_TAU0", "DEFAULT_PULSE_WIDTH"]
 
 PARAMETRIC = ("logistic", "probit", "thermal", "asymmetric")

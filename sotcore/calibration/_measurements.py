@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..devices import _check_scalar
+from ..exceptions import InvalidInputError
 
 __all__ = ["COLUMN_ALIASES", "Measurements", "load_measurements", "gc_paused", "MAX_RAW_PULSES",
            "MAX_CSV_ROWS", "MAX_CELLS"]
@@ -97,9 +98,10 @@ class Measurements:
         M = int(counts.max())
         if D * M > MAX_CELLS:
             d = int(np.argmax(counts))
-            raise ValueError(f"{self.source}: {D:,} devices with up to {M:,} distinct currents "
-                             f"(device {self.labels[d]!r}) exceed {MAX_CELLS:,} cells; bin the "
-                             f"currents (e.g. round them to the sweep's step) before calibrating")
+            raise InvalidInputError(
+                f"{self.source}: {D:,} devices with up to {M:,} distinct currents "
+                f"(device {self.labels[d]!r}) exceed {MAX_CELLS:,} cells; bin the "
+                f"currents (e.g. round them to the sweep's step) before calibrating")
         col = np.arange(self.dev.shape[0]) - self.offsets[self.dev]
         cur = np.repeat(self.current[self.offsets[1:] - 1][:, None], M, axis=1)
         n = np.zeros((D, M))
@@ -119,16 +121,17 @@ def _canonical_columns(names, source):
         if canon is None:
             ignored.append(str(name))
         elif canon in found:
-            raise ValueError(f"{source}: columns {found[canon]!r} and {name!r} both give "
+            raise InvalidInputError(f"{source}: columns {found[canon]!r} and {name!r} both give "
                              f"'{canon}'; keep one of them")
         else:
             found[canon] = name
     missing = [c for c in ("device", "current", "switched") if c not in found]
     if missing:
         have = ", ".join(repr(str(n)) for n in names) or "none"
-        raise ValueError(f"{source}: missing column(s) {', '.join(repr(m) for m in missing)} "
-                         f"(found: {have}); expected device, current, pulses, switched "
-                         f"[, width]")
+        raise InvalidInputError(
+            f"{source}: missing column(s) {', '.join(repr(m) for m in missing)} "
+            f"(found: {have}); expected device, current, pulses, switched "
+            f"[, width]")
     return found, ignored
 
 
@@ -152,7 +155,7 @@ def _read_csv(path):
     """Header, columns (lists of str) and the line number of each data row of a CSV file."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path}: is a directory, expected a CSV file")
+        raise InvalidInputError(f"{path}: is a directory, expected a CSV file")
     try:
         fh = open(path, newline="", encoding="utf-8-sig")
     except FileNotFoundError:
@@ -172,24 +175,25 @@ def _read_csv(path):
                     header = [c.strip() for c in row]
                     continue
                 if len(rows) >= MAX_CSV_ROWS:
-                    raise ValueError(f"{path}: more than {MAX_CSV_ROWS:,} data rows; "
+                    raise InvalidInputError(f"{path}: more than {MAX_CSV_ROWS:,} data rows; "
                                      f"aggregate per-pulse records to counts (columns device, "
                                      f"current, pulses, switched) first")
                 add_row(row)
                 add_line(reader.line_num)
         except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a text (CSV) file") from None
+            raise InvalidInputError(f"{path}: not a text (CSV) file") from None
         except csv.Error as exc:
-            raise ValueError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
+            raise InvalidInputError(
+                f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
         if header is None:
-            raise ValueError(f"{path}: the file is empty (expected a header line "
+            raise InvalidInputError(f"{path}: the file is empty (expected a header line "
                              f"'device,current,pulses,switched' and data rows)")
         if not rows:
-            raise ValueError(f"{path}: the file has a header but no data rows")
+            raise InvalidInputError(f"{path}: the file has a header but no data rows")
         ncol = len(header)
         if set(map(len, rows)) != {ncol}:
             i = next(i for i, r in enumerate(rows) if len(r) != ncol)
-            raise ValueError(f"{path}, line {lines[i]}: expected {ncol} fields like the "
+            raise InvalidInputError(f"{path}, line {lines[i]}: expected {ncol} fields like the "
                              f"header ({', '.join(header)}), got {len(rows[i])}")
         columns = {h: [r[j] for r in rows] for j, h in enumerate(header)}
     return header, columns, np.asarray(lines)
@@ -205,7 +209,7 @@ def _input_columns(measurements):
     if hasattr(measurements, "columns") and hasattr(measurements, "to_numpy"):  # DataFrame
         names = list(measurements.columns)
         if len(set(map(str, names))) != len(names):
-            raise ValueError(f"{source}: repeated column names {names}")
+            raise InvalidInputError(f"{source}: repeated column names {names}")
         cols = {n: measurements[n].to_numpy() for n in names}
     elif isinstance(measurements, np.ndarray) and measurements.dtype.names:
         names = list(measurements.dtype.names)
@@ -221,13 +225,13 @@ def _input_columns(measurements):
     for n in names:
         v = cols[n]
         if np.ndim(v) != 1:
-            raise ValueError(f"{source}: column {n!r} must be one-dimensional, got shape "
+            raise InvalidInputError(f"{source}: column {n!r} must be one-dimensional, got shape "
                              f"{np.shape(v)}")
         lengths.add(len(v))
     if len(lengths) > 1:
-        raise ValueError(f"{source}: columns have different lengths {sorted(lengths)}")
+        raise InvalidInputError(f"{source}: columns have different lengths {sorted(lengths)}")
     if not names or lengths == {0}:
-        raise ValueError(f"{source}: the table is empty (no rows)")
+        raise InvalidInputError(f"{source}: the table is empty (no rows)")
     return source, names, cols, (lambda i: f"{source}, row {i}")
 
 
@@ -240,7 +244,7 @@ def _numeric_column(values, col, locate, *, allow_bool=False):
             pass
     arr = np.asarray(values)
     if arr.dtype.kind == "b" and not allow_bool:
-        raise ValueError(f"{locate(0)}, column '{col}': booleans are not numbers")
+        raise InvalidInputError(f"{locate(0)}, column '{col}': booleans are not numbers")
     if arr.dtype.kind in "biuf":
         out = arr.astype(np.float64)
     else:
@@ -257,13 +261,13 @@ def _numeric_column(values, col, locate, *, allow_bool=False):
                 except (TypeError, ValueError):
                     what = ("an empty value" if v is None or str(v).strip() == ""
                             else f"{str(v)!r} is not a number")
-                    raise ValueError(f"{locate(i)}, column '{col}': {what}") from None
-            raise ValueError(f"{locate(0)}, column '{col}': values are not numbers "
+                    raise InvalidInputError(f"{locate(i)}, column '{col}': {what}") from None
+            raise InvalidInputError(f"{locate(0)}, column '{col}': values are not numbers "
                              f"(dtype {arr.dtype})") from None
     bad = ~np.isfinite(out)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{locate(i)}, column '{col}': value {out[i]} is not finite "
+        raise InvalidInputError(f"{locate(i)}, column '{col}': value {out[i]} is not finite "
                          f"(NaN or infinite values are not allowed)")
     return out
 
@@ -273,12 +277,13 @@ def _whole(values, col, locate, *, low):
     frac = values != np.round(values)
     if frac.any():
         i = int(np.argmax(frac))
-        raise ValueError(f"{locate(i)}, column '{col}': must be a whole number, got {values[i]}")
+        raise InvalidInputError(
+            f"{locate(i)}, column '{col}': must be a whole number, got {values[i]}")
     small = values < low
     if small.any():
         i = int(np.argmax(small))
         kind = "positive" if low == 1 else "non-negative"
-        raise ValueError(f"{locate(i)}, column '{col}': must be a {kind} whole number, got "
+        raise InvalidInputError(f"{locate(i)}, column '{col}': must be a {kind} whole number, got "
                          f"{values[i]:g}")
     return values.astype(np.int64)
 
@@ -290,19 +295,20 @@ def _device_labels(values, locate):
         arr = np.char.strip(arr)
         empty = arr == arr.dtype.type()
         if empty.any():
-            raise ValueError(f"{locate(int(np.argmax(empty)))}, column 'device': missing "
+            raise InvalidInputError(f"{locate(int(np.argmax(empty)))}, column 'device': missing "
                              f"device label")
     elif arr.dtype.kind == "O":
         arr = np.array([v.strip() if isinstance(v, str) else v for v in arr], dtype=object)
         for i, v in enumerate(arr):
             if v is None or (isinstance(v, str) and v == "") or (
                     isinstance(v, numbers.Real) and not math.isfinite(v)):
-                raise ValueError(f"{locate(i)}, column 'device': missing device label")
+                raise InvalidInputError(f"{locate(i)}, column 'device': missing device label")
     elif arr.dtype.kind == "f":
         bad = ~np.isfinite(arr)
         if bad.any():
-            raise ValueError(f"{locate(int(np.argmax(bad)))}, column 'device': missing device "
-                             f"label ({arr[bad][0]})")
+            raise InvalidInputError(
+                f"{locate(int(np.argmax(bad)))}, column 'device': missing device "
+                f"label ({arr[bad][0]})")
     try:
         uniq, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
     except TypeError:  # mixed label types: compare them as text
@@ -338,7 +344,7 @@ def _parse_measurements(measurements, width, min_currents, skip_invalid):
         notbit = (sw != 0) & (sw != 1)
         if notbit.any():
             i = int(np.argmax(notbit))
-            raise ValueError(f"{locate(i)}, column 'switched': got {sw[i]:g}, but without a "
+            raise InvalidInputError(f"{locate(i)}, column 'switched': got {sw[i]:g}, but without a "
                              f"'pulses' column every row is one pulse and 'switched' must be "
                              f"0 or 1 (add a 'pulses' column for counts)")
         sw = sw.astype(np.int64)
@@ -350,17 +356,17 @@ def _parse_measurements(measurements, width, min_currents, skip_invalid):
         over = sw > pul
         if over.any():
             i = int(np.argmax(over))
-            raise ValueError(f"{locate(i)}, column 'switched': {sw[i]} switches exceed the "
+            raise InvalidInputError(f"{locate(i)}, column 'switched': {sw[i]} switches exceed the "
                              f"{pul[i]} pulses applied")
     D = labels.shape[0]
     if "width" in found:
         if width is not None:
-            raise ValueError(f"{source}: has a 'width' column; do not also pass width=")
+            raise InvalidInputError(f"{source}: has a 'width' column; do not also pass width=")
         w_rows = _numeric_column(cols[found["width"]], "width", locate)
         bad = w_rows <= 0
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"{locate(i)}, column 'width': must be > 0 (micrometres), got "
+            raise InvalidInputError(f"{locate(i)}, column 'width': must be > 0 (micrometres), got "
                              f"{w_rows[i]:g}")
         wmin = np.full(D, np.inf)
         wmax = np.full(D, -np.inf)
@@ -371,7 +377,7 @@ def _parse_measurements(measurements, width, min_currents, skip_invalid):
             d = int(np.argmax(diff))
             rows = np.flatnonzero(dev == d)
             i = rows[np.argmax(w_rows[rows] != w_rows[rows[0]])]
-            raise ValueError(f"{locate(i)}, column 'width': device {labels[d]!r} has width "
+            raise InvalidInputError(f"{locate(i)}, column 'width': device {labels[d]!r} has width "
                              f"{w_rows[i]:g} here but {w_rows[rows[0]]:g} at "
                              f"{locate(rows[0]).split(', ')[-1]}; a device has one width")
         dev_width = wmin
@@ -400,16 +406,17 @@ def _parse_measurements(measurements, width, min_currents, skip_invalid):
                          for d in bad[:5])
         more = f" and {bad.size - 5} more" if bad.size > 5 else ""
         if not skip_invalid:
-            raise ValueError(f"{desc}{more} distinct current(s); at least {min_currents} are "
-                             f"needed to fit a switching curve (pass skip_invalid=True to "
-                             f"skip such devices)")
+            raise InvalidInputError(
+                f"{desc}{more} distinct current(s); at least {min_currents} are "
+                f"needed to fit a switching curve (pass skip_invalid=True to "
+                f"skip such devices)")
         for d in bad:
             skipped[labels[d]] = (f"only {n_cur[d]} distinct current(s), at least "
                                   f"{min_currents} needed")
         warnings.warn(f"{source}: skipped {bad.size} device(s) with fewer than {min_currents} "
                       f"distinct currents: {desc}{more}", UserWarning, stacklevel=4)
         if bad.size == D:
-            raise ValueError(f"{source}: no device has {min_currents} or more distinct "
+            raise InvalidInputError(f"{source}: no device has {min_currents} or more distinct "
                              f"currents; nothing to calibrate")
         keep = ~few
         remap = np.cumsum(keep) - 1

@@ -84,15 +84,7 @@ def fit_isotonic(cur, n, k, counts, fit, G, bar):
             bar.update(256)
     if bar is not None:
         bar.update(K % 256)
-    lo, hi = probs[:, 0], probs[:, -1]
-    rng_ = hi - lo
-    flat = rng_ < 1e-9
-    c10 = crossing(glo, ghi, probs, lo + 0.1 * rng_)
-    c50 = crossing(glo, ghi, probs, lo + 0.5 * rng_)
-    c90 = crossing(glo, ghi, probs, lo + 0.9 * rng_)
-    window = np.maximum(c90 - c10, 1e-3 * (ghi - glo) / (G - 1))
-    i50 = np.where(flat, np.nan, c50)
-    scale = np.where(flat, np.nan, window / WINDOW_PER_SCALE)
+    i50, scale, lo, hi = _summaries(glo, ghi, probs)   # monotone: max = last value
     with np.errstate(invalid="ignore"):
         pvalue = np.where(dof > 0, stats.chi2.sf(dev, np.maximum(dof, 1)), np.nan)
     summary = {"i50": i50, "scale": scale, "p_lo": lo, "p_hi": hi, "deviance": dev,

@@ -8,6 +8,7 @@ from scipy.special import log_expit
 
 from .._utils import as_float_array, as_per_device, seed_from_random_state
 from ..devices import DEFAULT_TABLE_POINTS, WINDOW_PER_SCALE, DevicePopulation, _check_scalar
+from ..exceptions import InvalidInputError
 from . import _families as fam
 from ._measurements import MAX_RAW_PULSES, gc_paused
 
@@ -47,7 +48,7 @@ def family_population(family, i50, window, *, shape=1.0, p_lo=0.0, p_hi=1.0, wid
         parameter rows ``(loc, s, c, p_lo, p_hi)`` (see ``sotcore.calibration``).
     """
     if family not in fam.PARAMETRIC:
-        raise ValueError(f"family must be one of {', '.join(map(repr, fam.PARAMETRIC))}; "
+        raise InvalidInputError(f"family must be one of {', '.join(map(repr, fam.PARAMETRIC))}; "
                          f"got {family!r}")
     i50 = as_float_array(i50, "i50", ndim=1)
     D = i50.size
@@ -71,9 +72,11 @@ def family_population(family, i50, window, *, shape=1.0, p_lo=0.0, p_hi=1.0, wid
         try:
             onset, floor = (float(v) for v in rollover)
         except (TypeError, ValueError):
-            raise ValueError(f"rollover must be a pair (onset, floor), got {rollover!r}") from None
+            raise InvalidInputError(
+                f"rollover must be a pair (onset, floor), got {rollover!r}") from None
         if not (onset > 0 and 0 <= floor <= 1):
-            raise ValueError(f"rollover needs onset > 0 and 0 <= floor <= 1, got {rollover!r}")
+            raise InvalidInputError(
+                f"rollover needs onset > 0 and 0 <= floor <= 1, got {rollover!r}")
         ghi = np.maximum(ghi, 2.2 * onset * i50)
         grid = glo[:, None] + (ghi - glo)[:, None] * np.linspace(0, 1, table_points)[None, :]
         start = onset * i50[:, None]
@@ -93,10 +96,10 @@ def _sweep(population, currents, n_points, span, sweep):
         if cur.ndim == 1:
             cur = np.broadcast_to(cur, (D, cur.size))
         elif cur.shape[0] != D:
-            raise ValueError(f"currents must have shape (n_points,) or ({D}, n_points) "
+            raise InvalidInputError(f"currents must have shape (n_points,) or ({D}, n_points) "
                              f"(one sweep per device), got {cur.shape}")
         if cur.shape[1] < 1:
-            raise ValueError("currents must hold at least one current")
+            raise InvalidInputError("currents must hold at least one current")
         return np.ascontiguousarray(cur)
     n_points = _check_scalar(n_points, "n_points", low=3, integer=True)
     span = _check_scalar(span, "span", low=0.0, low_open=True)
@@ -109,7 +112,7 @@ def _sweep(population, currents, n_points, span, sweep):
             sel = groups == g
             lo[sel], hi[sel] = lo[sel].min(), hi[sel].max()
     elif sweep != "device":
-        raise ValueError(f"sweep must be 'device' or 'width', got {sweep!r}")
+        raise InvalidInputError(f"sweep must be 'device' or 'width', got {sweep!r}")
     u = np.linspace(0.0, 1.0, n_points)
     return lo[:, None] + (hi - lo)[:, None] * u[None, :]
 
@@ -173,13 +176,13 @@ def simulate_measurements(population, currents=None, pulses=200, n_points=25,
     try:
         pul = np.broadcast_to(pul, (D, M))
     except ValueError:
-        raise ValueError(f"pulses must broadcast to (n_devices, n_points) = {(D, M)}, got "
+        raise InvalidInputError(f"pulses must broadcast to (n_devices, n_points) = {(D, M)}, got "
                          f"shape {pul.shape}") from None
     if not (np.isfinite(pul).all() and (pul == np.round(pul)).all() and (pul >= 1).all()):
-        raise ValueError(f"pulses must be positive whole numbers, got {pulses!r}")
+        raise InvalidInputError(f"pulses must be positive whole numbers, got {pulses!r}")
     pul = pul.astype(np.int64)
     if raw and pul.sum() > MAX_RAW_PULSES:
-        raise ValueError(f"raw=True would write {pul.sum():,} rows (> {MAX_RAW_PULSES:,}); "
+        raise InvalidInputError(f"raw=True would write {pul.sum():,} rows (> {MAX_RAW_PULSES:,}); "
                          f"use raw=False (counts)")
     rng = np.random.default_rng(seed_from_random_state(random_state))
     P = population.probability(cur.T).T
@@ -251,7 +254,7 @@ def expected_standard_errors(population, currents=None, pulses=200, n_points=25,
     cur = _sweep(population, currents, n_points, span, sweep)
     pul = np.broadcast_to(np.asarray(pulses, dtype=np.float64), cur.shape)
     if not (np.isfinite(pul).all() and (pul > 0).all()):
-        raise ValueError(f"pulses must be positive, got {pulses!r}")
+        raise InvalidInputError(f"pulses must be positive, got {pulses!r}")
     s = population.scale[:, None]
     z = (cur - population.i50[:, None]) / s
     lo, hi = population.p_lo[:, None], population.p_hi[:, None]
@@ -314,11 +317,11 @@ def pulses_for_precision(population, rel_se, parameter="scale", *, n_points=25,
     rel_se = _check_scalar(rel_se, "rel_se", low=0.0, low_open=True)
     quantile = _check_scalar(quantile, "quantile", low=0.0, high=1.0)
     if parameter not in ("scale", "window", "i50"):
-        raise ValueError(f"parameter must be 'scale', 'window' or 'i50', got {parameter!r}")
+        raise InvalidInputError(f"parameter must be 'scale', 'window' or 'i50', got {parameter!r}")
     se = expected_standard_errors(population, pulses=1, n_points=n_points, span=span,
                                   sweep=sweep)
     rel = se["rel_i50"] if parameter == "i50" else se["rel_scale"]
     rel = rel[np.isfinite(rel)]
     if rel.size == 0:
-        raise ValueError("no device with a resolvable curve (all stuck)")
+        raise InvalidInputError("no device with a resolvable curve (all stuck)")
     return int(math.ceil((float(np.quantile(rel, quantile)) / rel_se) ** 2))

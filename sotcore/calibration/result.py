@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..exceptions import InvalidInputError
 from . import _families as fam
 from ._population import group_stats, width_fit
 
@@ -155,7 +156,7 @@ class CalibrationResult:
         """Labels of the devices with a boolean flag set (``converged``: without it)."""
         names = self.flag_names()
         if flag not in names:
-            raise ValueError(f"flag must be one of {', '.join(names)}; got {flag!r}")
+            raise InvalidInputError(f"flag must be one of {', '.join(names)}; got {flag!r}")
         mask = np.asarray(self.per_device[flag])
         return list(self.devices[~mask if flag == "converged" else mask])
 
@@ -165,7 +166,7 @@ class CalibrationResult:
             return labels.index(device)
         if isinstance(device, numbers.Integral) and 0 <= device < len(labels):
             return int(device)
-        raise ValueError(f"device {device!r} is neither a device label nor an index "
+        raise InvalidInputError(f"device {device!r} is neither a device label nor an index "
                          f"in [0, {len(labels)})")
 
     def curve(self, device, current, family=None):
@@ -189,7 +190,7 @@ class CalibrationResult:
                 np.broadcast_to(I.reshape(-1, 1), (I.size, len(self))))[:, d]
             return P.reshape(I.shape)
         if family not in self.family_fits:
-            raise ValueError(f"family {family!r} was not fitted; fitted: "
+            raise InvalidInputError(f"family {family!r} was not fitted; fitted: "
                              f"{', '.join(self.family_fits) or 'none'}")
         f = self.family_fits[family]
         rows = np.flatnonzero(f["devices"] == d)
@@ -268,9 +269,10 @@ class CalibrationResult:
             me, se = f["max_error"][fitted], f["max_error_se"][fitted]
             od = f["overdispersion"][fitted]
             od = od[np.isfinite(od)]
+            odt = f"{np.median(od):.2g}" if od.size else "-"
             lines.append(f"  fit quality: max |fitted - measured P| median {np.median(me):.3g}"
                          f" (binomial SE {np.median(se):.2g}), worst {me.max():.3g}; "
-                         f"overdispersion median {np.median(od) if od.size else math.nan:.2g}")
+                         f"overdispersion (beta-binomial rho) median {odt}")
         for name in ("rejected", "unusable"):
             bad = self.flagged(name)
             if bad:
