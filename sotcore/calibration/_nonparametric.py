@@ -2,7 +2,6 @@
 import numpy as np
 from scipy import stats
 from scipy.special import xlogy
-from sklearn.isotonic import IsotonicRegression
 
 try:  # SciPy >= 1.12: a fast PAVA without estimator overhead
     from scipy.optimize import isotonic_regression as _scipy_isotonic
@@ -22,6 +21,13 @@ def saturated_loglik(n, k):
     return (xlogy(k, k / nn) + xlogy(nk, nk / nn)).sum(1)
 
 
+def _pava(y, w):
+    """Weighted non-decreasing least-squares fit of y (pool adjacent violators)."""
+    if _scipy_isotonic is not None:
+        return _scipy_isotonic(y, weights=w).x
+    return _sklearn_isotonic(y, sample_weight=w)  # pragma: no cover - older SciPy
+
+
 def monotone_loglik(n, k, counts):
     """Log-likelihood of the best non-decreasing switching probabilities (per device)."""
     out = np.empty(n.shape[0])
@@ -29,12 +35,7 @@ def monotone_loglik(n, k, counts):
         m = counts[d]
         nd, kd = n[d, :m], k[d, :m]
         y = kd / nd
-        if np.all(np.diff(y) >= 0):
-            p = y
-        elif _scipy_isotonic is not None:
-            p = _scipy_isotonic(y, weights=nd).x
-        else:  # pragma: no cover
-            p = _sklearn_isotonic(y, sample_weight=nd)
+        p = y if np.all(np.diff(y) >= 0) else _pava(y, nd)
         out[d] = (xlogy(kd, p) + xlogy(nd - kd, 1.0 - p)).sum()
     return out
 
@@ -64,8 +65,10 @@ def fit_isotonic(cur, n, k, counts, fit, G, bar):
     for j, d in enumerate(fit):
         m = counts[d]
         I, nd, kd = cur[d, :m], n[d, :m], k[d, :m]
-        ir = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-        ir.fit(I, kd / nd, sample_weight=nd)
+        # Currents are distinct and ascending, so the fit is PAVA on the
+        # proportions and its prediction linear interpolation, flat beyond
+        # (what IsotonicRegression(out_of_bounds="clip") does, ~10x faster).
+        pf = np.clip(_pava(kd / nd, nd), 0.0, 1.0)
         glo[j], ghi[j] = I[0], I[-1]
         q = (G - 1) // (m - 1)
         step = np.diff(I)
@@ -73,8 +76,7 @@ def fit_isotonic(cur, n, k, counts, fit, G, bar):
             # Uniform sweep: stretch the grid so every measured current is a
             # grid point and the table equals the fit there (flat beyond).
             ghi[j] = I[0] + (I[-1] - I[0]) * (G - 1) / (q * (m - 1))
-        probs[j] = np.clip(ir.predict(glo[j] + (ghi[j] - glo[j]) * u), 0.0, 1.0)
-        pf = np.clip(ir.predict(I), 0.0, 1.0)
+        probs[j] = np.interp(glo[j] + (ghi[j] - glo[j]) * u, I, pf)
         ll = (xlogy(kd, pf) + xlogy(nd - kd, 1.0 - pf)).sum()
         sat = (xlogy(kd, kd / nd) + xlogy(nd - kd, (nd - kd) / nd)).sum()
         dev[j] = max(2.0 * (sat - ll), 0.0)
