@@ -148,11 +148,16 @@ def test_family_recovers_its_truth(family, nu, global_random_seed):
     if family == "asymmetric":
         z = (f["shape"] - nu) / f["shape_se"]
         assert _binomial_ok(int(np.sum(np.abs(z) < 1)), N, 0.62, 0.72, a)
+        inside = (f["shape_ci_low"] <= nu) & (nu <= f["shape_ci_high"])
+        assert _binomial_ok(int(inside.sum()), N, 0.92, 0.965, a)
     if family == "thermal":
         t = _truth(pop)[own]
         ic, delta = fam.thermal_parameters(t[:, 0], t[:, 1])
-        for est, se, truth in ((f["ic"], f["ic_se"], ic), (f["delta"], f["delta_se"], delta)):
+        for name, truth in (("ic", ic), ("delta", delta)):
+            est, se = f[name], f[f"{name}_se"]
             assert _binomial_ok(int(np.sum(np.abs(est - truth) < se)), N, 0.62, 0.72, a)
+            inside = (f[f"{name}_ci_low"] <= truth) & (truth <= f[f"{name}_ci_high"])
+            assert _binomial_ok(int(inside.sum()), N, 0.93, 0.965, a)
     # Correct models: deviance tests reject rarely (p < 1e-3 for ~0.1 %).
     assert _binomial_ok(int(f["rejected"].sum()), N, 0.0, 0.01, a)
     assert not f["unusable"].any()

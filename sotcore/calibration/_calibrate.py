@@ -469,6 +469,13 @@ def calibrate(measurements, *, model=None, method=None, levels=(0.0, 1.0), width
         col["window_ci_high"] = col["window"] * np.exp(zc * rel)
     col["scale_ci_low"] = col["window_ci_low"] / WINDOW_PER_SCALE
     col["scale_ci_high"] = col["window_ci_high"] / WINDOW_PER_SCALE
+    for name in ("ic", "delta"):  # Wald intervals
+        col[f"{name}_ci_low"] = col[name] - zc * col[f"{name}_se"]
+        col[f"{name}_ci_high"] = col[name] + zc * col[f"{name}_se"]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # log scale: nu > 0
+        rel = col["shape_se"] / col["shape"]
+        col["shape_ci_low"] = col["shape"] * np.exp(-zc * rel)
+        col["shape_ci_high"] = col["shape"] * np.exp(zc * rel)
     if K:
         _quality(col, fit, nf, kf, Pfit, cnt, sat[fit], confidence, max_error_tolerance)
     col["rejected"] = (col["pvalue"] < poor_fit_pvalue) & ~stuck

@@ -60,7 +60,8 @@ class CalibrationResult:
         i50_ci_high, scale, scale_se, scale_ci_low, scale_ci_high, window,
         window_se, window_ci_low, window_ci_high, p_lo, p_lo_se, p_hi,
         p_hi_se, shape, shape_se`` (asymmetric nu), ``ic, ic_se, delta,
-        delta_se`` (thermal), ``loglik, n_params, aic, bic, runner_up,
+        delta_se`` (thermal; intervals in ``*_ci_low``/``*_ci_high``, Wald,
+        log scale for nu), ``loglik, n_params, aic, bic, runner_up,
         delta_aic, delta_bic`` (criterion of the runner-up family minus the
         chosen one's; ``model="auto"``), ``deviance, dof, pvalue,
         monotone_pvalue, max_error`` (largest |fitted - measured P|),
