@@ -140,20 +140,21 @@ def width_fit(w, y, confidence, labels=None):
 def check_currents(col, source):
     """Flag (and warn about) fitted I50 values that suggest wrong units.
 
-    A device is flagged when its I50 lies outside ``PLAUSIBLE_CURRENT`` or
-    differs from the median I50 of its width group by more than
+    A device is flagged when its |I50| lies outside ``PLAUSIBLE_CURRENT`` or
+    differs from the median |I50| of its width group by more than
     ``CURRENT_RATIO``; one warning lists the flagged devices.
     """
     i50 = col["i50"]
+    mag = np.abs(i50)   # either polarity
     fitted = np.isfinite(i50)
-    bad = fitted & ((i50 < PLAUSIBLE_CURRENT[0]) | (i50 > PLAUSIBLE_CURRENT[1]))
+    bad = fitted & ((mag < PLAUSIBLE_CURRENT[0]) | (mag > PLAUSIBLE_CURRENT[1]))
     width = col["width"]
     keys = np.where(np.isfinite(width), width, -1.0)
     for g in np.unique(keys):
-        sel = fitted & (keys == g) & (i50 > 0)
+        sel = fitted & (keys == g) & (mag > 0)
         if sel.sum() >= 3:
-            med = np.median(i50[sel])
-            ratio = np.where(sel, i50 / med, 1.0)
+            med = np.median(mag[sel])
+            ratio = np.where(sel, mag / med, 1.0)
             bad |= sel & ((ratio > CURRENT_RATIO) | (ratio < 1.0 / CURRENT_RATIO))
     if bad.any():
         idx = np.flatnonzero(bad)
