@@ -19,6 +19,14 @@ Run (public API only)::
 Writes into ``--out``: ``measurements.csv`` (the simulated lab data),
 ``devices.json`` (calibrated population), ``summary.csv`` (per device),
 ``c1_characterization.png`` (figure) and ``c1_results.json`` (numbers).
+
+Family comparison (issue #11): 48 devices of each curve family (logistic,
+probit, thermal, asymmetric nu = 3, and logistic devices that switch less
+again in over-drive), 30 currents x 400 pulses each over +-2 windows, fitted
+with ``model="logistic"`` and ``model="auto"``: which family ``auto`` picks
+per true family, how often the deviance test rejects, the largest misfit.
+Writes ``c1_families.png`` (each family's fit and standardised residuals
+for one device per true family) and the ``families`` entry of the results.
 """
 import argparse
 import json
@@ -28,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import sotcore
-from sotcore.calibration import pulses_for_precision
+from sotcore.calibration import family_population, pulses_for_precision
 from sotcore.devices import DEFAULT_I50_PER_UM, DEFAULT_WINDOW_FRACTION
 
 WIDTHS_UM = (5.0, 10.0, 20.0, 40.0)
@@ -63,8 +71,7 @@ def make_figure(result, true_slopes, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from sotcore.plotting import (plot_device_curves, plot_parameter_histograms,
-                                  plot_width_scaling)
+    from sotcore.plotting import plot_device_curves, plot_parameter_histograms, plot_width_scaling
     fig = Figure(figsize=(14, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots(2, 3)
@@ -96,6 +103,63 @@ def make_figure(result, true_slopes, path):
                   transform=ax[1, 2].transAxes)
     fig.suptitle("C1 device characterisation - " + LABEL, fontsize=11)
     fig.savefig(path, dpi=150)
+
+
+TRUE_FAMILIES = (("logistic", 1.0, None), ("probit", 1.0, None), ("thermal", 1.0, None),
+                 ("asymmetric", 3.0, None), ("logistic", 1.0, (1.3, 0.7)))
+
+
+def family_study(seed, out, n_per_family=48, pulses=400, n_points=30):
+    """Curves of every family measured like the issue's simulator data, fitted two ways."""
+    base = sotcore.DevicePopulation.from_width(20.0, n_per_family * len(TRUE_FAMILIES),
+                                               variability=0.10, random_state=seed)
+    parts, names = [], []
+    for j, (fam, nu, roll) in enumerate(TRUE_FAMILIES):
+        sl = slice(j * n_per_family, (j + 1) * n_per_family)
+        names.append(fam + (" + over-drive" if roll else ""))
+        pop = family_population(fam, base.i50[sl], base.window[sl], shape=nu, rollover=roll)
+        if roll:   # sweep to 2.5 x I50 to see the fall
+            cur = pop.i50[:, None] * np.linspace(0.6, 2.5, n_points)[None, :]
+            parts.append(sotcore.simulate_measurements(pop, currents=cur, pulses=pulses,
+                                                       random_state=seed + j))
+        else:
+            parts.append(sotcore.simulate_measurements(pop, pulses=pulses, n_points=n_points,
+                                                       span=2.0, random_state=seed + j))
+    table = {k: np.concatenate([t[k] + (j * n_per_family if k == "device" else 0)
+                                for j, t in enumerate(parts)])
+             for k in ("device", "current", "pulses", "switched")}
+    true = np.repeat(names, n_per_family)
+    fits = {m: sotcore.calibrate(table, model=m) for m in ("logistic", "auto")}
+    rows = {}
+    for name in names:
+        sel = true == name
+        row = {}
+        for m, res in fits.items():
+            f = res.per_device
+            row[m] = {"rejected": float(f["rejected"][sel].mean()),
+                      "unusable": float(f["unusable"][sel].mean()),
+                      "median_max_error": float(np.median(f["max_error"][sel]))}
+        fa = fits["auto"].per_device
+        chosen, counts = np.unique(fa["family"][sel].astype(str), return_counts=True)
+        row["auto_choice"] = {str(c): int(k) for c, k in zip(chosen, counts)}
+        d = fa["delta_aic"][sel]
+        row["auto_median_delta_aic"] = float(np.median(d[np.isfinite(d)])) if np.isfinite(
+            d).any() else None
+        rows[name] = row
+    try:
+        from sotcore.plotting import plot_family_fits
+        pick = [j * n_per_family for j in range(len(TRUE_FAMILIES))]
+        fig = plot_family_fits(fits["auto"], devices=pick, max_devices=len(pick))
+        for ax, name in zip(fig.axes[:len(pick)], names):
+            ax.set_title(f"true: {name}", fontsize=9)
+        fig.suptitle(f"C1 family comparison ({n_points} currents x {pulses} pulses; SIMULATED "
+                     f"from assumed curves): each family's fit, the AIC choice bold", fontsize=10)
+        fig.savefig(out / "c1_families.png", dpi=130)
+    except ImportError:
+        pass
+    return {"protocol": {"devices_per_family": n_per_family, "pulses": pulses,
+                         "currents": n_points, "sweep": "I50 +- 2 windows "
+                         "(over-drive devices: 0.6 .. 2.5 I50)"}, "per_true_family": rows}
 
 
 def main(argv=None):
@@ -158,6 +222,12 @@ def main(argv=None):
         "planning_90pct_of_devices": planning,
         "units": {"current": "A", "width": "um", "slope": "A/um"},
     }
+    results["families"] = family_study(args.seed, out)
+    for name, row in results["families"]["per_true_family"].items():
+        print(f"true {name:>24}: auto picks {row['auto_choice']}; rejected: logistic "
+              f"{row['logistic']['rejected']:.0%}, auto {row['auto']['rejected']:.0%}; median "
+              f"max error logistic {row['logistic']['median_max_error']:.3f}, auto "
+              f"{row['auto']['median_max_error']:.3f}")
     with open(out / "c1_results.json", "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2, allow_nan=False)
 

@@ -6,7 +6,7 @@
                  [--seeds N] [--out DIR]   the main job: training modes side by side
     sotcore-eval train -o model.json [--data DIR] [--training hil] ...
     sotcore-eval sweep --out results.jsonl [--widths ...] [--backend dask --scheduler ADDR]
-    sotcore-eval calibrate MEASUREMENTS.csv -o devices.json [--plots DIR]
+    sotcore-eval calibrate MEASUREMENTS.csv -o devices.json [--model auto] [--plots DIR]
                  [--method sigmoid|isotonic] [--fit-levels] [--summary CSV] [--stats JSON]
     sotcore-eval simulate -o measurements.csv [--width 20 [40 ...]] [--n-devices 100]
                  [--pulses 200] [--n-points 25] [--raw] [--truth truth.json] ...
@@ -155,9 +155,18 @@ def build_parser():
                      help="write the calibrated population here (DevicePopulation JSON)")
     cal.add_argument("--plots", metavar="DIR", help="write PNG figures into this directory "
                      "(needs matplotlib: pip install sotcore[plot])")
-    cal.add_argument("--method", choices=("sigmoid", "isotonic"), default="sigmoid",
-                     help="sigmoid maximum-likelihood fit (default) or monotone "
-                     "non-parametric table")
+    cal.add_argument("--model", choices=("logistic", "probit", "thermal", "asymmetric",
+                                          "isotonic", "table", "auto"), default=None,
+                     help="switching-curve family: logistic (default), probit, thermal "
+                     "(Neel-Brown), asymmetric (generalised logistic), isotonic (monotone "
+                     "table), table (binned, any shape), or auto (per device by AIC/BIC)")
+    cal.add_argument("--selection", choices=("aic", "bic"), default="aic",
+                     help="criterion of --model auto (default aic)")
+    cal.add_argument("--method", choices=("sigmoid", "isotonic"), default=None,
+                     help="former name of --model: sigmoid = logistic")
+    cal.add_argument("--max-error", type=_number(float, low=0, high=1), default=0.05,
+                     metavar="P", help="flag a device unusable when its fitted curve misses "
+                     "the measured probability by more than this (default 0.05)")
     cal.add_argument("--fit-levels", action="store_true",
                      help="also fit p_lo and p_hi per device (default: fixed at 0 and 1)")
     cal.add_argument("--width", type=_number(float, low=0, low_open=True), metavar="UM",
@@ -196,6 +205,14 @@ def build_parser():
                      help="fraction of stuck devices (default 0)")
     sim.add_argument("--read-error", type=_number(float, low=0, high=0.5), default=0.0,
                      help="read-error floor p_lo = 1 - p_hi (default 0)")
+    sim.add_argument("--family", choices=("logistic", "probit", "thermal", "asymmetric"),
+                     default="logistic", help="switching-curve family of the simulated devices "
+                     "(default logistic)")
+    sim.add_argument("--shape", type=_number(float, low=0, low_open=True, high=100),
+                     default=1.0, help="nu of the asymmetric family (default 1)")
+    sim.add_argument("--rollover", type=_number(float, low=0, high=100), nargs=2,
+                     metavar=("ONSET", "FLOOR"), help="over-drive: beyond ONSET x I50 the "
+                     "switching probability falls to FLOOR x its value at 2 ONSET x I50")
     sim.add_argument("--pulses", type=_number(int, low=1), default=200,
                      help="pulses per current (default 200)")
     sim.add_argument("--n-points", type=_number(int, low=3), default=25,
@@ -584,9 +601,10 @@ def _run_calibrate(args):
         _matplotlib()  # fail before the fit, not after it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = calibrate(args.measurements, method=args.method,
+        result = calibrate(args.measurements, model=args.model, method=args.method,
                            levels="fit" if args.fit_levels else (0.0, 1.0), width=args.width,
                            confidence=args.confidence, skip_invalid=args.skip_invalid,
+                           selection=args.selection, max_error_tolerance=args.max_error,
                            progress=args.progress)
     for w in caught:
         if issubclass(w.category, UserWarning):
@@ -632,6 +650,13 @@ def _run_simulate(args):
         how = (f"{args.n_devices} device(s) per width {', '.join(f'{v:g}' for v in widths)} "
                f"um from the default model (assumed constants), variability "
                f"{args.variability:g}")
+        if args.family != "logistic" or args.rollover is not None:
+            from .calibration import family_population
+            pop = family_population(args.family, pop.i50, pop.window, shape=args.shape,
+                                    p_lo=pop.p_lo, p_hi=pop.p_hi, width=pop.width,
+                                    rollover=args.rollover)
+            how += f", {args.family} curves" + (
+                f" with over-drive roll-over {args.rollover}" if args.rollover else "")
     table = simulate_measurements(pop, pulses=args.pulses, n_points=args.n_points,
                                   span=args.span, sweep=args.sweep, raw=args.raw,
                                   random_state=None if args.seed is None else args.seed + 1,

@@ -2,8 +2,9 @@
 
 Every function draws on a :class:`matplotlib.figure.Figure` created without
 pyplot (no global state, no GUI backend), so it works in scripts, servers
-and notebooks alike; files are written with the Agg backend.  Currents are
-shown in milliamperes, widths in micrometres.
+and notebooks alike; files are written with the Agg backend.  Calibration
+figures show currents with an SI prefix chosen from the data (nA ... A),
+widths in micrometres.
 
     from sotcore.plotting import plot_calibration, save_calibration_figures
     fig = plot_calibration(result)                     # overview figure
@@ -14,10 +15,19 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["plot_device_curves", "plot_parameter_histograms", "plot_width_scaling",
-           "plot_calibration", "save_calibration_figures", "plot_learning_curves",
+           "plot_calibration", "plot_family_fits", "save_calibration_figures",
+           "plot_learning_curves",
            "plot_accuracy_vs_T", "plot_accuracy_vs_width", "plot_variability_gap"]
 
-_MA = 1e3  # amperes -> milliamperes for display
+
+
+def _current_unit(result):
+    """(multiplier from amperes, unit text) for a calibration's currents."""
+    from .calibration.result import si_prefix
+    f = result.per_device
+    vals = f["i50"][np.isfinite(f["i50"])]
+    factor, prefix = si_prefix(vals if vals.size else result.measurements["current"])
+    return 1.0 / factor, f"{prefix}A"
 
 
 def _matplotlib():
@@ -79,7 +89,8 @@ def _wilson(k, n, z=1.96):
     den = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return centre - half, centre + half
+    # Rounding can put an end a hair past p at 0 or n switches; error bars must not be negative.
+    return np.minimum(centre - half, p), np.maximum(centre + half, p)
 
 
 def _width_groups(result):
@@ -113,26 +124,30 @@ def plot_device_curves(result, devices=None, *, ax=None, max_devices=6):
     m = result.measurements
     sub = result.population[pos]
     f = result.per_device
+    mul, unit = _current_unit(result)
     for j, d in enumerate(pos):
         rows = m["device"] == d
         I, n, k = m["current"][rows], m["pulses"][rows], m["switched"][rows]
         lo, hi = _wilson(k, n)
         p = k / n
         color = f"C{j % 10}"
-        flags = [name for name in ("stuck", "nonmonotone", "poor_fit") if f[name][d]]
+        flags = [name for name in ("stuck", "nonmonotone", "rejected", "unusable")
+                 if name in f and f[name][d]]
         wd = f["width"][d]
         label = (f"{result.devices[d]}" + (f", {wd:g} \u00b5m" if np.isfinite(wd) else "")
+                 + (f", {f['family'][d]}" if "family" in f else "")
                  + (f" ({', '.join(flags)})" if flags else ""))
-        ax.errorbar(I * _MA, p, yerr=[p - lo, hi - p], fmt="o", ms=3, lw=0.8, capsize=1.5,
+        ax.errorbar(I * mul, p, yerr=[p - lo, hi - p], fmt="o", ms=3, lw=0.8, capsize=1.5,
                     color=color, label=label)
         grid = np.linspace(I.min(), I.max(), 400)
         cur = np.zeros((grid.size, len(sub)))
         cur[:, j] = grid
-        ax.plot(grid * _MA, sub.probability(cur)[:, j], color=color, lw=1.4)
-    ax.set_xlabel("pulse current (mA)")
+        ax.plot(grid * mul, sub.probability(cur)[:, j], color=color, lw=1.4)
+    ax.set_xlabel(f"pulse current ({unit})")
     ax.set_ylabel("switching probability")
     ax.set_ylim(-0.03, 1.03)
-    fit = "sigmoid ML fit" if result.method == "sigmoid" else "isotonic fit"
+    fit = ("per-device family (auto)" if result.model == "auto"
+           else f"{result.model} fit")
     ax.set_title(f"measured (95% Wilson bars) and {fit}", fontsize=10)
     ax.legend(fontsize=7, title="device", title_fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
@@ -160,9 +175,10 @@ def plot_parameter_histograms(result, *, axes=None, bins=30):
     f = result.per_device
     used = ~f["stuck"] & np.isfinite(f["i50"])
     groups = _width_groups(result)
-    for ax, name, label in ((axes[0], "i50", "I50 (mA)"),
-                            (axes[1], "window", "programming window W (mA)")):
-        v = f[name][used] * _MA
+    mul, unit = _current_unit(result)
+    for ax, name, label in ((axes[0], "i50", f"I50 ({unit})"),
+                            (axes[1], "window", f"programming window W ({unit})")):
+        v = f[name][used] * mul
         if v.size == 0:
             ax.text(0.5, 0.5, "no fitted devices", ha="center", transform=ax.transAxes)
             continue
@@ -179,7 +195,7 @@ def plot_parameter_histograms(result, *, axes=None, bins=30):
             ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
         for glabel, g in groups:
-            vals = f[name][g & used] * _MA
+            vals = f[name][g & used] * mul
             if vals.size:
                 ax.hist(vals, bins=edges, alpha=0.6, label=f"{glabel} (n={vals.size})")
         ax.set_xlabel(label + (" (log scale)" if logx else ""))
@@ -215,29 +231,32 @@ def plot_width_scaling(result, *, axes=None):
     rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
     wmax = float(w[used].max())
     xs = np.linspace(0.0, wmax * 1.05, 200)
-    for ax, name, label in ((axes[0], "i50", "I50 (mA)"), (axes[1], "window", "window W (mA)")):
+    mul, unit = _current_unit(result)
+    for ax, name, label in ((axes[0], "i50", f"I50 ({unit})"),
+                            (axes[1], "window", f"window W ({unit})")):
         fit = result.width_fits[name]
         jitter = 1 + 0.015 * rng.standard_normal(used.sum())
-        ax.plot(w[used] * jitter, f[name][used] * _MA, ".", ms=2, alpha=0.25, color="0.4",
+        ax.plot(w[used] * jitter, f[name][used] * mul, ".", ms=2, alpha=0.25, color="0.4",
                 label="devices")
         for row in result.stats:
             if row["width_um"] is not None and row["n_used"] > 1:
-                ax.errorbar(row["width_um"], row[f"{name}_mean"] * _MA,
-                            yerr=row[f"{name}_std"] * _MA, fmt="s", ms=5, color="C3",
+                ax.errorbar(row["width_um"], row[f"{name}_median"] * mul,
+                            yerr=row[f"{name}_mad"] * mul, fmt="s", ms=5, color="C3",
                             capsize=3, zorder=3)
-        ax.errorbar([], [], yerr=[], fmt="s", color="C3", label="mean +- sd per width")
+        ax.errorbar([], [], yerr=[], fmt="s", color="C3", label="median +- MAD per width")
         line = fit["intercept"] + fit["slope"] * xs
         se = np.sqrt(np.maximum(xs ** 2 * fit["slope_se"] ** 2 + fit["intercept_se"] ** 2
                                 + 2 * xs * fit["slope_intercept_cov"], 0.0))
         tq = stats.t.ppf(0.5 + 0.5 * result.confidence, fit["n_devices"] - 2)
-        ax.plot(xs, line * _MA, color="C0",
-                label=f"fit: {fit['slope'] * _MA:.4g} mA/\u00b5m, R$^2$={fit['r2']:.3f}")
-        ax.fill_between(xs, (line - tq * se) * _MA, (line + tq * se) * _MA, color="C0",
+        ax.plot(xs, line * mul, color="C0",
+                label=f"robust fit: {fit['slope'] * mul:.4g} {unit}/\u00b5m, "
+                      f"R$^2$={fit['r2']:.3f}")
+        ax.fill_between(xs, (line - tq * se) * mul, (line + tq * se) * mul, color="C0",
                         alpha=0.2, lw=0, label=f"{result.confidence:.0%} CI of the line")
         ax.set_xlabel("device width (\u00b5m)")
         ax.set_ylabel(label)
         ax.set_xlim(0, xs[-1])
-        ax.set_ylim(bottom=min(0.0, float(np.min(line)) * _MA))
+        ax.set_ylim(bottom=min(0.0, float(np.min(line)) * mul))
         ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3)
     axes[0].set_title("size dependence of I50", fontsize=10)
@@ -282,28 +301,105 @@ def plot_calibration(result, *, devices=None, max_devices=6, title=None, path=No
 def _text_panel(ax, result):
     ax.axis("off")
     f = result.per_device
+    mul, unit = _current_unit(result)
+    fams, counts = np.unique(np.asarray(f["family"], dtype=str), return_counts=True)
     lines = [f"devices: {len(result)}   skipped: {len(result.skipped)}",
+             "families: " + ", ".join(f"{a} {b}" for a, b in zip(fams, counts)),
              f"stuck {int(f['stuck'].sum())}, non-monotone {int(f['nonmonotone'].sum())}, "
-             f"poor fit {int(f['poor_fit'].sum())}", ""]
+             f"rejected {int(f['rejected'].sum())}, unusable {int(f['unusable'].sum())}", ""]
     pct = f"{result.confidence:.0%}"
     for name, label in (("i50", "I50"), ("window", "W")):
         ft = result.width_fits[name]
-        lines += [f"{label} = a w + b  (w in \u00b5m)",
-                  f"  a = {ft['slope'] * _MA:.4g} mA/\u00b5m",
-                  f"      {pct} CI [{ft['slope_ci'][0] * _MA:.4g}, {ft['slope_ci'][1] * _MA:.4g}]",
-                  f"  b = {ft['intercept'] * _MA:.3g} mA",
-                  f"      {pct} CI [{ft['intercept_ci'][0] * _MA:.3g}, "
-                  f"{ft['intercept_ci'][1] * _MA:.3g}]",
+        lines += [f"{label} = a w + b  (w in \u00b5m, robust fit)",
+                  f"  a = {ft['slope'] * mul:.4g} {unit}/\u00b5m",
+                  f"      {pct} CI [{ft['slope_ci'][0] * mul:.4g}, {ft['slope_ci'][1] * mul:.4g}]",
+                  f"  b = {ft['intercept'] * mul:.4g} {unit}",
+                  f"      {pct} CI [{ft['intercept_ci'][0] * mul:.4g}, "
+                  f"{ft['intercept_ci'][1] * mul:.4g}]",
                   f"  R^2 = {ft['r2']:.3f}", ""]
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8.5,
             transform=ax.transAxes)
 
 
+def plot_family_fits(result, devices=None, *, max_devices=4, path=None, dpi=150):
+    """Each fitted family's curve and standardised residuals, per device.
+
+    Top row: measured probabilities (95 % Wilson bars) and the curve of every
+    family fitted to the device (the chosen one thick, marked in the
+    legend).  Bottom row: Pearson residuals ``(k - n P) / sqrt(n P (1 - P))``
+    of each family at the measured currents (about N(0, 1) for a right model).
+
+    Parameters
+    ----------
+    result : CalibrationResult
+    devices : sequence, optional
+        Labels or positions; default ``max_devices`` devices spread over I50.
+    max_devices : int, default 4
+    path : str or path, optional
+        Also save the figure here.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    _check_result(result)
+    if not result.family_fits:
+        raise ValueError("plot_family_fits needs fitted devices (all devices are stuck)")
+    pos = _device_positions(result, devices, max_devices)
+    fig = _new_figure((3.6 * len(pos) + 0.4, 6.0))
+    axes = fig.subplots(2, len(pos), squeeze=False, sharex="col",
+                        gridspec_kw={"height_ratios": [2, 1]})
+    m, f = result.measurements, result.per_device
+    mul, unit = _current_unit(result)
+    colors = {"logistic": "C0", "probit": "C1", "thermal": "C3", "asymmetric": "C2",
+              "isotonic": "C4", "table": "C5"}
+    for j, d in enumerate(pos):
+        top, bot = axes[0, j], axes[1, j]
+        rows = m["device"] == d
+        I, n, k = m["current"][rows], m["pulses"][rows], m["switched"][rows]
+        lo, hi = _wilson(k, n)
+        p = k / n
+        top.errorbar(I * mul, p, yerr=[p - lo, hi - p], fmt="o", ms=3, lw=0.8, capsize=1.5,
+                     color="k", label="measured")
+        grid = np.linspace(I.min(), I.max(), 400)
+        for name in result.family_fits:
+            P = result.curve(d, grid, family=name)
+            if P is None:
+                continue
+            chosen = f["family"][d] == name
+            top.plot(grid * mul, P, color=colors.get(name, "0.5"), lw=2.4 if chosen else 1.0,
+                     ls="-" if chosen else "--",
+                     label=f"{name} (chosen)" if chosen else name)
+            Pm = np.clip(result.curve(d, I, family=name), 1e-12, 1 - 1e-12)
+            r = (k - n * Pm) / np.sqrt(n * Pm * (1 - Pm))
+            bot.plot(I * mul, r, "o-" if chosen else ".--", ms=3, lw=0.8,
+                     color=colors.get(name, "0.5"))
+        for z in (-2, 2):
+            bot.axhline(z, color="0.6", lw=0.6, ls=":")
+        bot.axhline(0, color="0.3", lw=0.6)
+        lo_, hi_ = bot.get_ylim()
+        bot.set_ylim(max(lo_, -8.0), min(hi_, 8.0))  # a far tail would flatten the rest
+        top.set_title(f"device {result.devices[d]!s}", fontsize=9)
+        top.set_ylim(-0.03, 1.03)
+        top.grid(alpha=0.3)
+        bot.grid(alpha=0.3)
+        bot.set_xlabel(f"pulse current ({unit})")
+        top.legend(fontsize=6.5, loc="lower right")
+    axes[0, 0].set_ylabel("switching probability")
+    axes[1, 0].set_ylabel("standardised residual")
+    fig.suptitle(f"switching-curve families fitted to {result.source} "
+                 f"({result.model}, {result.selection.upper()})", fontsize=11)
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
 def save_calibration_figures(result, directory, *, devices=None, max_devices=6, dpi=150):
     """Write the calibration figures as PNG files into ``directory`` (created if needed).
 
-    Files: ``curves.png``, ``histograms.png``, ``calibration.png`` (overview)
-    and, with at least two widths, ``width_scaling.png``.
+    Files: ``curves.png``, ``histograms.png``, ``calibration.png`` (overview),
+    with at least two widths ``width_scaling.png``, and with more than one
+    family fitted (``model="auto"``) ``families.png`` (:func:`plot_family_fits`).
 
     Returns
     -------
@@ -320,6 +416,9 @@ def save_calibration_figures(result, directory, *, devices=None, max_devices=6, 
         figs.append(("width_scaling.png", plot_width_scaling(result)))
     figs.append(("calibration.png", plot_calibration(result, devices=devices,
                                                      max_devices=max_devices)))
+    if len(result.family_fits) > 1:
+        figs.append(("families.png", plot_family_fits(result, devices,
+                                                      max_devices=min(max_devices, 4))))
     for name, fig in figs:
         path = directory / name
         fig.savefig(path, dpi=dpi)
