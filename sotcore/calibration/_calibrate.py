@@ -1,5 +1,4 @@
 """calibrate(): measured pulse data -> per-device switching curves of any family."""
-import contextlib
 import math
 import time
 
@@ -7,6 +6,7 @@ import numpy as np
 from scipy import stats
 
 from ..devices import DEFAULT_TABLE_POINTS, WINDOW_PER_SCALE, DevicePopulation, _check_scalar
+from .._threads import blas_limit
 from ..exceptions import InvalidInputError
 from . import _families as fam
 from . import _logistic as lg
@@ -30,28 +30,6 @@ DEFAULT_TABLE_BINS = 64
 DEFAULT_TABLE_SMOOTHING = 1
 _PROGRESS_MIN_DEVICES = 10000
 _LEGACY = {"sigmoid": "logistic", "isotonic": "isotonic"}
-_BLAS = None
-
-
-def _one_blas_thread():
-    """Limit BLAS to one thread while fitting.
-
-    The fits make many tiny (p x p, p <= 5) solves and L-BFGS-B updates; on a
-    shared machine a multi-threaded BLAS spins on them and was measured 5-15x
-    slower than one thread (1000 devices x 25 currents: 10 s against 0.7 s).
-    """
-    global _BLAS
-    if _BLAS is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _BLAS = ThreadpoolController()
-        except Exception:  # pragma: no cover - threadpoolctl comes with scikit-learn
-            _BLAS = False
-    if not _BLAS:
-        return contextlib.nullcontext()
-    return _BLAS.limit(limits=1, user_api="blas")
-
-
 def _resolve_model(model, method):
     if method is not None:
         if not isinstance(method, str) or method not in _LEGACY:
@@ -310,7 +288,9 @@ def calibrate(measurements, *, model=None, method=None, levels=(0.0, 1.0), width
         from tqdm.auto import tqdm
         bar = tqdm(total=K, desc=f"calibrate ({model})", unit="device")
     cf, nf, kf, cnt = cur[fit], n[fit], k[fit], counts[fit]
-    with _one_blas_thread():
+    # The fits make many tiny solves; a multi-threaded BLAS spinning on them was
+    # measured 5-15x slower on a shared machine (one thread policy: _threads.py).
+    with blas_limit(1):
         try:
             if K and model in fam.PARAMETRIC + ("auto",):
                 x = (cf - centre[fit, None]) / half[fit, None]
