@@ -467,7 +467,11 @@ def _parse_state(state):
     out["shape"] = shape
     for name in ("population", "calibration"):
         p = d.get(name)
-        out[name] = None if p is None else DevicePopulation.from_dict(p, source=f"{src} {name}")
+        try:
+            out[name] = None if p is None else DevicePopulation.from_dict(
+                p, source=f"{src} {name}")
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
         if out[name] is not None and len(out[name]) != out["n_devices"]:
             raise InvalidInputError(f"{src}: {name} has {len(out[name])} devices, n_devices is "
                                     f"{out['n_devices']}")
