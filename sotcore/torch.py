@@ -339,7 +339,12 @@ class DeviceNeurons(nn.Module):
             raise BackendError(f"device backend {type(backend).__name__} failed in "
                                f"DeviceNeurons.forward: {type(exc).__name__}: {exc}") from exc
         bits = check_bits(bits, cur.shape, type(backend).__name__)
-        out = torch.from_numpy(bits).reshape(z.shape).to(z.dtype)
+        # NumPy's uint8 -> float cast is several times faster than Tensor.to here.
+        npdt = {torch.float32: np.float32, torch.float64: np.float64}.get(z.dtype)
+        if npdt is not None:
+            out = torch.from_numpy(bits.astype(npdt)).reshape(z.shape)
+        else:
+            out = torch.from_numpy(bits).reshape(z.shape).to(z.dtype)
         return out, cur
 
     def forward(self, z):
