@@ -58,7 +58,7 @@ def problems():
         sub = pop[layer.device_map.index]
         p_dev = sub.table_probability(cur)
         p_sig = 1.0 / (1.0 + np.exp(-zn.astype(np.float64)))
-        out[name] = {"z": z, "pop": pop,
+        out[name] = {"name": name, "z": z, "pop": pop,
                      "ours": (float(p_dev.sum()), float((p_dev * (1 - p_dev)).sum())),
                      "torch": (float(p_sig.sum()), float((p_sig * (1 - p_sig)).sum()))}
     return out
@@ -73,7 +73,7 @@ def ratio_summary(request):
     tr.write_line("")
     tr.write_line("DeviceNeurons forward vs torch.bernoulli(sigmoid(z)) (M neurons/s, median)")
     for (prob, threads) in sorted({(p, t) for (p, _, t) in _results}):
-        ours = _results.get((prob, "sotcore", threads))
+        ours = _results.get((prob, "ours", threads))
         peer = _results.get((prob, "torch", threads))
         if ours and peer:
             tr.write_line(f"  {prob:>20} threads={threads}: sotcore {ours:8.1f}  torch "
@@ -86,45 +86,44 @@ def _check(bits, expected):
         (float(bits.sum()), s)
 
 
-def _record(benchmark, prob, impl, threads, n):
-    benchmark.group = f"torch layer {prob}"
-    benchmark.extra_info.update(suite="torch-layer", impl=impl, threads=threads, neurons=n)
-    time.sleep(0.2)    # let the previous benchmark's spinning threads go idle
+def _timed(benchmark, prob, impl, threads, make):
+    """Time ``make()()`` (set up under ``threads`` torch threads); record M neurons/s."""
+    z = prob["z"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn = make()
+        benchmark.group = f"torch layer {prob['name']}"
+        benchmark.extra_info.update(suite="torch-layer", impl=impl, threads=threads,
+                                    neurons=z.numel())
+        time.sleep(0.2)    # let the previous benchmark's spinning threads go idle
+        with torch.no_grad():
+            bits = benchmark(fn)
+    finally:
+        torch.set_num_threads(previous)
+    _results[(prob["name"], impl, threads)] = z.numel() / benchmark.stats.stats.median / 1e6
+    assert bits.shape == z.shape
+    _check(bits, prob[impl])
 
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("prob", PROBLEMS)
 def test_device_neurons_forward(benchmark, problems, prob, threads):
     P = problems[prob]
-    z = P["z"]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+
+    def make():
         layer = DeviceNeurons(P["pop"], random_state=1, n_threads=threads)
-        layer(z[:1])
-        _record(benchmark, prob, "sotcore", threads, z.numel())
-        with torch.no_grad():
-            bits = benchmark(layer, z)
-    finally:
-        torch.set_num_threads(previous)
-    _results[(prob, "sotcore", threads)] = z.numel() / benchmark.stats.stats.median / 1e6
-    assert bits.shape == z.shape
-    _check(bits, P["ours"])
+        layer(P["z"][:1])                              # device map and tables, untimed
+        return lambda: layer(P["z"])
+    _timed(benchmark, P, "ours", threads, make)
 
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("prob", PROBLEMS)
 def test_torch_bernoulli_sigmoid(benchmark, problems, prob, threads):
     P = problems[prob]
-    z = P["z"]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    torch.manual_seed(1)
-    try:
-        _record(benchmark, prob, "torch", threads, z.numel())
-        with torch.no_grad():
-            bits = benchmark(lambda: torch.bernoulli(torch.sigmoid(z)))
-    finally:
-        torch.set_num_threads(previous)
-    _results[(prob, "torch", threads)] = z.numel() / benchmark.stats.stats.median / 1e6
-    _check(bits, P["torch"])
+
+    def make():
+        torch.manual_seed(1)
+        return lambda: torch.bernoulli(torch.sigmoid(P["z"]))
+    _timed(benchmark, P, "torch", threads, make)

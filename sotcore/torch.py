@@ -646,17 +646,14 @@ def compare_modes(build, X_train, y_train, X_test, y_test, *, devices,
     ``mode``, ``surrogate``, ``seed``, ``T``, ``accuracy``,
     ``seconds_per_epoch``, ``loss_curve``, ...).
     """
-    labels = {"software": "software", "ex-situ": "ex-situ", "hardware-aware": "hardware-aware"}
-    runs = []
-    if "software" in modes or "ex-situ" in modes:
-        runs.append(("software", "nominal"))
-    if "hardware-aware" in modes:
-        runs.append(("hardware-aware", "nominal"))
-    if "hil" in modes:
-        runs.extend(("hil", s) for s in surrogates)
     unknown = set(modes) - set(MODES)
     if unknown:
         raise InvalidInputError(f"unknown mode(s) {sorted(unknown)}")
+    # One training run per row; software's run is also evaluated as ex-situ.
+    runs = [(m, "nominal") for m, wanted in
+            (("software", {"software", "ex-situ"}), ("hardware-aware", {"hardware-aware"}))
+            if wanted & set(modes)]
+    runs += [("hil", s) for s in surrogates] if "hil" in modes else []
     yte = np.asarray(y_test)
     records = []
     for seed in seeds:
@@ -680,7 +677,7 @@ def compare_modes(build, X_train, y_train, X_test, y_test, *, devices,
                 set_mode(model, emode)
                 probs = predict_proba(model, X_test, at=n_samples)
                 for T, p in probs.items():
-                    rec = {"run": labels.get(emode, f"hil ({esur})"), "mode": emode,
+                    rec = {"run": f"hil ({esur})" if emode == "hil" else emode, "mode": emode,
                            "surrogate": esur if emode == "hil" else None, "seed": int(seed),
                            "T": int(T),
                            "accuracy": float((p.argmax(1).numpy() == yte).mean()),
