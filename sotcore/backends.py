@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from . import _fused
+from . import _fused, _io
 from ._utils import as_float_array, effective_n_threads, seed_from_random_state
 from .devices import DevicePopulation
-from .exceptions import BackendError, SotcoreError
+from .exceptions import BackendError, InvalidInputError, SotcoreError
 
 __all__ = ["DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
            "ReplayBackend", "CompensatedBackend", "BackendError", "device_indices"]
@@ -570,7 +570,9 @@ class RecordingBackend(DeviceBackend):
         arrays = {}
         for i, (c, d, b) in enumerate(self.log):
             arrays[f"c{i}"], arrays[f"d{i}"], arrays[f"b{i}"] = c, device_indices(d), b
-        np.savez_compressed(path, n_devices=self.n_devices, n_calls=len(self.log), **arrays)
+        arrays["n_devices"] = np.asarray(self.n_devices, np.int64)
+        arrays["n_calls"] = np.asarray(len(self.log), np.int64)
+        _io.atomic_write(path, _io.npz_bytes(arrays))     # the previous log survives a failure
 
 
 class ReplayBackend(DeviceBackend):
@@ -592,10 +594,39 @@ class ReplayBackend(DeviceBackend):
 
     @classmethod
     def load(cls, path):
-        with np.load(path, allow_pickle=False) as z:
-            n = int(z["n_calls"])
-            log = [(z[f"c{i}"], z[f"d{i}"], z[f"b{i}"]) for i in range(n)]
-            return cls(log, int(z["n_devices"]))
+        """Read a log written by :meth:`RecordingBackend.save` (untrusted: bounded
+        reads, every request checked; one InvalidInputError naming file and field)."""
+        def bad(msg):
+            return InvalidInputError(f"{path}: {msg}")
+
+        def expect(name, shape, dtype):
+            if name in ("n_calls", "n_devices"):
+                if shape != () or dtype.kind not in "iu":
+                    raise bad(f"field {name!r} must be an integer scalar")
+            elif name[:1] in "cdb" and name[1:].isdigit():
+                if len(shape) != (1 if name[0] == "d" else 2):
+                    raise bad(f"array {name!r} has shape {shape}")
+            else:
+                raise bad(f"unexpected array {name!r}")
+        z = _io.read_npz(path, expected=expect, required=("n_calls", "n_devices"),
+                         what="replay file")
+        n, m = int(z["n_calls"]), int(z["n_devices"])
+        if not 0 <= n <= 10**7 or not 1 <= m <= 10**7:
+            raise bad(f"n_calls={n} / n_devices={m} out of range")
+        log = []
+        for i in range(n):
+            try:
+                c, d, b = z[f"c{i}"], z[f"d{i}"], z[f"b{i}"]
+            except KeyError as exc:
+                raise bad(f"request {i} is missing array {exc}") from None
+            if d.dtype.kind not in "iu" or d.size == 0 or d.min() < 0 or d.max() >= m:
+                raise bad(f"request {i}: device indices must lie in [0, {m})")
+            if c.dtype.kind != "f" or c.shape != (c.shape[0], d.size) or b.shape != c.shape \
+                    or b.dtype != np.uint8 or (b.size and b.max() > 1):
+                raise bad(f"request {i}: currents {c.shape} / bits {b.shape} {b.dtype} do not "
+                          f"match {d.size} devices")
+            log.append((c, d.astype(np.int64), b))
+        return cls(log, m)
 
     def _pulse(self, currents, devices):
         if self._pos >= len(self._log):

@@ -1,4 +1,5 @@
 """SOTClassifier: a scikit-learn classifier whose hidden neurons are SOT devices."""
+import contextlib
 import hashlib
 import json
 import numbers
@@ -46,6 +47,34 @@ FAR_UNITS = 10.0
 
 def _is_backend(obj):
     return hasattr(obj, "pulse") and hasattr(obj, "n_devices")
+
+
+@contextlib.contextmanager
+def _checkpoint_lock(path):
+    """Hold an exclusive lock on ``<checkpoint>.lock`` while a fit writes ``path``.
+
+    Two fits writing one checkpoint (e.g. ``cross_val_score(n_jobs=2)`` on clones
+    that share ``checkpoint=``) would overwrite each other's state: the second
+    one is refused with a clear error instead.  The lock dies with its process.
+    """
+    if path is None:
+        yield
+        return
+    import fcntl
+    lock = Path(str(path) + ".lock")
+    if not lock.resolve().parent.is_dir():
+        raise ValueError(f"checkpoint: directory {lock.resolve().parent} does not exist")
+    fh = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"checkpoint {path} is being written by another fit; give each "
+                             "estimator its own checkpoint path (clones share it: e.g. "
+                             "cross_val_score with checkpoint= set)") from None
+        yield
+    finally:
+        fh.close()
 
 
 class _RowKeys:
@@ -401,7 +430,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                                  "parameters; resume with the same parameters")
         for key in ("_train_state", "_network"):
             self.__dict__.pop(key, None)
-        with blas_limit(1):
+        with blas_limit(1), _checkpoint_lock(self.checkpoint):
             return self._fit(X, y, incremental=False, resume=resume)
 
     def _checkpoint_params(self):
@@ -429,7 +458,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         elif self._hidden_sizes() != list(self.n_hidden_):
             raise ValueError(f"hidden_layer_sizes is {self._hidden_sizes()} but the model was "
                              f"fitted with {list(self.n_hidden_)}; call fit to start again")
-        with blas_limit(1):
+        with blas_limit(1), _checkpoint_lock(self.checkpoint):
             return self._fit(X, y, incremental=True)
 
     def _fit(self, X, y, incremental, resume=None):

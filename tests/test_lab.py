@@ -551,3 +551,43 @@ def test_cli_refuses_main_job_options_before_a_subcommand(tmp_path, capsys):
     from sotcore.cli import main
     assert main(["--seeds", "2", "train", "-o", str(tmp_path / "m.json")]) == 2
     assert "belong(s) to the main job" in capsys.readouterr().err
+
+
+def test_two_fits_on_one_checkpoint_are_refused(digits, tmp_path):
+    import threading
+    Xtr, _, ytr, _ = digits
+    ck = tmp_path / "shared.npz"
+    gate, errors = threading.Event(), []
+
+    def slow_cb(epoch, info, net):
+        gate.wait(5)
+        return False
+    first = SOTClassifier(devices=20.0, checkpoint=ck, callbacks=[slow_cb], **FAST)
+    t = threading.Thread(target=lambda: first.fit(Xtr, ytr))
+    t.start()
+    time.sleep(0.3)
+    try:
+        SOTClassifier(devices=20.0, checkpoint=ck, **FAST).fit(Xtr, ytr)
+    except ValueError as exc:
+        errors.append(str(exc))
+    gate.set()
+    t.join()
+    assert errors and "another fit" in errors[0]
+    SOTClassifier(devices=20.0, checkpoint=ck, **FAST).fit(Xtr, ytr)   # free again
+
+
+def test_replay_files_are_checked(tmp_path, pop20):
+    rec = RecordingBackend(EmulatedBackend(pop20, 0))
+    rec.pulse(np.tile(pop20.i50, (3, 1)))
+    rec.save(tmp_path / "log.npz")
+    back = sotcore.ReplayBackend.load(tmp_path / "log.npz")
+    np.testing.assert_array_equal(back.pulse(np.tile(pop20.i50, (3, 1))), rec.log[0][2])
+    z = dict(np.load(tmp_path / "log.npz"))
+    for change in ({"d0": np.array([0, 99])}, {"n_calls": np.asarray(5)},
+                   {"b0": np.full((3, 64), 7, np.uint8)}, {"x": np.zeros(2)}):
+        np.savez(tmp_path / "bad.npz", **{**z, **change})
+        with pytest.raises(ValueError, match="bad.npz"):
+            sotcore.ReplayBackend.load(tmp_path / "bad.npz")
+    (tmp_path / "torn.npz").write_bytes((tmp_path / "log.npz").read_bytes()[:200])
+    with pytest.raises(ValueError, match="torn.npz"):
+        sotcore.ReplayBackend.load(tmp_path / "torn.npz")
