@@ -1038,7 +1038,10 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         est.coefs_, est.intercepts_ = net.coefs, net.intercepts
         est.n_layers_ = L + 1
         est.n_outputs_ = sizes[-1]
-        est._finish_load(devices, backend)
+        try:
+            est._finish_load(devices, backend)
+        except (ValueError, TypeError) as exc:      # e.g. an edited device_map
+            raise bad(f"inconsistent devices: {exc}") from None
         est._label_encoder = LabelEncoder().fit(classes)
         if backend is None:
             # Nothing loads that cannot predict: one probe row through the real path.

@@ -168,7 +168,7 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
         "t = sweep_tasks([10.0, 20.0, 30.0, 40.0], [0.1], ['software'], [0], hidden=(32,),\n"
         "                estimator_params={'max_iter': 400})\n"
         f"run_sweep(t, {str(tmp_path / 'k.jsonl')!r}, n_jobs=2, progress=False)\n")
-    drv = subprocess.Popen([sys.executable, "-c", script])
+    drv = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)   # installed package
     try:
         proc = psutil.Process(drv.pid)
         workers = []

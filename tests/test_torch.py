@@ -53,10 +53,11 @@ def _check_rates(bits, p):
     assert np.all(np.abs(mean - pm) <= Z * sd + 1e-3), (mean, pm)
 
 
-def test_importing_sotcore_does_not_import_torch():
+def test_importing_sotcore_does_not_import_torch(tmp_path):
     code = ("import sys, sotcore, sotcore.estimator, sotcore.experiments, sotcore.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # outside the source tree, so the installed package is the one imported
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 # -- forward: bits from the right devices ------------------------------------------------------
