@@ -10,19 +10,19 @@ except ImportError as _exc:     # e.g. `import sotcore` from an unbuilt source t
         "`python setup.py build_ext --inplace`, or run from another directory so the "
         "installed package is imported (`pip install .` first).") from None
 
-from .backends import (BackendError, DeviceBackend, EmulatedBackend, InstrumentBackend,
-                       RecordingBackend, ReplayBackend)
-from .characterize import calibrate_backend
+from .backends import (Backend, BackendError, CompensatedBackend, DeviceBackend,
+                       EmulatedBackend, InstrumentBackend, RecordingBackend, ReplayBackend)
 from .calibration import CalibrationResult, calibrate, simulate_measurements
-from .devices import DevicePopulation, switching_probability
+from .characterize import calibrate_backend, estimate_calibration_pulses
+from .devices import DeviceAging, DevicePopulation, switching_probability
 from .estimator import SOTClassifier
 from .exceptions import InvalidInputError, SotcoreError, TrainingInterrupted
-from .devices import DeviceAging
-from .backends import CompensatedBackend
-from .network import CurrentMapping
+from .network import CurrentMapping, DeviceMap
+from .training import suggest_mapping
 
 __all__ = ["DevicePopulation", "switching_probability", "SOTClassifier", "CurrentMapping",
-           "DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
-           "ReplayBackend", "BackendError", "calibrate_backend", "calibrate", "CalibrationResult",
-           "simulate_measurements", "SotcoreError", "InvalidInputError", "TrainingInterrupted",
-           "DeviceAging", "CompensatedBackend", "__version__"]
+           "DeviceMap", "Backend", "DeviceBackend", "EmulatedBackend", "InstrumentBackend",
+           "RecordingBackend", "ReplayBackend", "BackendError", "calibrate_backend",
+           "estimate_calibration_pulses", "calibrate", "CalibrationResult",
+           "simulate_measurements", "suggest_mapping", "SotcoreError", "InvalidInputError",
+           "TrainingInterrupted", "DeviceAging", "CompensatedBackend", "__version__"]

@@ -13,6 +13,7 @@ after which the device is reset.  Anything that implements ``n_devices`` and
 import collections
 import threading
 import time
+import typing
 
 import numpy as np
 
@@ -21,8 +22,24 @@ from ._utils import as_float_array, effective_n_threads, seed_from_random_state
 from .devices import DevicePopulation
 from .exceptions import BackendError, InvalidInputError, SotcoreError
 
-__all__ = ["DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
+__all__ = ["Backend", "DeviceBackend", "EmulatedBackend", "InstrumentBackend", "RecordingBackend",
            "ReplayBackend", "CompensatedBackend", "BackendError", "device_indices"]
+
+
+@typing.runtime_checkable
+class Backend(typing.Protocol):
+    """What every device backend offers (``isinstance(obj, Backend)`` checks it).
+
+    Optional: ``device_curves() -> DevicePopulation | None``, ``get_state()`` /
+    ``set_state(state)`` (exact resume), ``pulse_counts``,
+    ``accepts_repeated_devices`` and the emulator's own fast path
+    (``fused_available()`` / ``fused_forward(...)``).
+    """
+
+    n_devices: int
+
+    def pulse(self, currents, devices=None):
+        """uint8 0/1 bits of one pulse per (row, named device); shape of ``currents``."""
 
 
 def _device_index(devices, n_devices):

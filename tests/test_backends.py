@@ -140,3 +140,10 @@ def test_instrument_gets_exactly_the_devices_asked_in_order(pop):
     np.testing.assert_array_equal(seen[0][0], cur)
     assert bits.tolist() == [[1, 0, 1, 0]]
     assert be.pulse_counts.tolist() == [1, 0, 1, 0, 0, 0, 0, 1, 0, 1]
+
+
+def test_backend_protocol(pop):
+    assert isinstance(EmulatedBackend(pop, 0), sotcore.Backend)
+    assert isinstance(InstrumentBackend(lambda c, d: np.zeros(c.shape), 3), sotcore.Backend)
+    assert not isinstance(pop, sotcore.Backend)
+    assert sotcore.suggest_mapping(pop).unit > 0 and sotcore.DeviceMap
