@@ -170,9 +170,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
     variability : float, default 0.10
         Device-to-device spread when ``devices`` is a width.
     hidden_layer_sizes, max_iter, batch_size, learning_rate_init, alpha, solver,
-    momentum, early_stopping, validation_fraction, n_iter_no_change, tol,
-    random_state, verbose
-        As in scikit-learn's MLPClassifier (``max_iter`` counts epochs).
+    momentum, nesterovs_momentum, beta_1, beta_2, epsilon, shuffle, early_stopping,
+    validation_fraction, n_iter_no_change, tol, random_state, verbose
+        As in scikit-learn's MLPClassifier (``max_iter`` counts epochs;
+        ``batch_size="auto"`` is ``min(200, n_samples)``; the default is 100).
+        Parameters after ``hidden_layer_sizes`` are keyword-only.
         Without early stopping, training stops when the training loss has
         not improved by ``tol`` for ``n_iter_no_change`` epochs.
     mapping_unit : float, "auto" or None
@@ -238,11 +240,17 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         "train_samples": [Interval(numbers.Integral, 1, None, closed="left")],
         "variability": [Interval(numbers.Real, 0, 5, closed="both")],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
-        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left"),
+                       StrOptions({"auto"})],
         "learning_rate_init": [Interval(numbers.Real, 0, None, closed="neither")],
         "alpha": [Interval(numbers.Real, 0, None, closed="left")],
         "solver": [StrOptions({"adam", "sgd"})],
         "momentum": [Interval(numbers.Real, 0, 1, closed="both")],
+        "nesterovs_momentum": ["boolean"],
+        "beta_1": [Interval(numbers.Real, 0, 1, closed="left")],
+        "beta_2": [Interval(numbers.Real, 0, 1, closed="left")],
+        "epsilon": [Interval(numbers.Real, 0, None, closed="neither")],
+        "shuffle": ["boolean"],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -263,10 +271,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         "callbacks": [list, tuple, None],
     }
 
-    def __init__(self, hidden_layer_sizes=(500,), devices=None, training="hil",
+    def __init__(self, hidden_layer_sizes=(500,), *, devices=None, training="hil",
                  surrogate="nominal", calibration=None, device_map=None, n_samples=32,
                  train_samples=1, variability=0.10, max_iter=30, batch_size=100,
                  learning_rate_init=3e-3, alpha=1e-4, solver="adam", momentum=0.9,
+                 nesterovs_momentum=True, beta_1=0.9, beta_2=0.999, epsilon=1e-8, shuffle=True,
                  early_stopping=False, validation_fraction=0.1, n_iter_no_change=10, tol=1e-4,
                  mapping_unit=None, mapping_offset=0.0, nominal_device=None, pretrain=None,
                  hil_epochs=None, progress=None, random_state=None, verbose=False,
@@ -286,6 +295,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         self.alpha = alpha
         self.solver = solver
         self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.shuffle = shuffle
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
@@ -436,6 +450,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
     def _checkpoint_params(self):
         keep = ("hidden_layer_sizes", "training", "surrogate", "n_samples", "train_samples",
                 "variability", "max_iter", "batch_size", "learning_rate_init", "alpha", "solver",
+                "nesterovs_momentum", "beta_1", "beta_2", "epsilon", "shuffle",
                 "momentum", "early_stopping", "validation_fraction", "n_iter_no_change", "tol",
                 "mapping_unit", "mapping_offset", "device_map", "pretrain", "hil_epochs")
         p = self.get_params()
@@ -521,7 +536,10 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                 hidden_bias=(i50n - self.mapping_.offset) / self.mapping_.unit,
                 device_map=self.device_map_,
                 train_samples=int(self.train_samples), max_iter=int(epochs),
-                batch_size=int(min(self.batch_size, len(Xt))),
+                batch_size=self._batch(len(Xt)), shuffle=bool(self.shuffle),
+                optimizer_params={"beta1": float(self.beta_1), "beta2": float(self.beta_2),
+                                  "eps": float(self.epsilon),
+                                  "nesterov": bool(self.nesterovs_momentum)},
                 learning_rate=float(self.learning_rate_init), alpha=float(self.alpha),
                 solver=self.solver, momentum=float(self.momentum),
                 validation=validation, early_stopping=self.early_stopping and not incremental,
@@ -564,6 +582,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         # (training and validation), else the emulated HIL training pulses.
         self.pulses_ = self._device_counts() - counts0 + emulated_pulses
         return self
+
+    def _batch(self, n):
+        """Minibatch rows: ``batch_size``, or as MLPClassifier ``min(200, n)`` for "auto"."""
+        b = 200 if isinstance(self.batch_size, str) else int(self.batch_size)
+        return int(min(b, n))
 
     def _stages(self, incremental):
         """[(mode, epochs)]: what this (partial_)fit call trains, in order."""
@@ -662,7 +685,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         val_ep = hil_ep            # validation pulses the devices in HIL stages only
         per_neuron_fit = hil_ep * n_train * self.train_samples + val_ep * n_val * self.n_samples
         per_neuron_score = 0 if self.training == "software" else n_score * self.n_samples
-        batch = int(min(self.batch_size, max(n_train, 1)))
+        batch = self._batch(max(n_train, 1))
         accepts = getattr(backend, "accepts_repeated_devices", False)
         timed = backend is not None and hasattr(backend, "request_time")
         max_batch = int(getattr(backend, "max_batch", 0) or 0)

@@ -541,7 +541,7 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
                   learning_rate=3e-3, alpha=1e-4, solver="adam", momentum=0.9,
                   validation=None, early_stopping=False, n_iter_no_change=10, tol=1e-4,
                   loss_stopping=False, eval_fn=None, random_state=None, verbose=False,
-                  progress=False, callbacks=(), network=None, optimizer=None, start_epoch=0,
+                  progress=False, shuffle=True, optimizer_params=None, callbacks=(), network=None, optimizer=None, start_epoch=0,
                   history=None, checkpoint=None, checkpoint_every=None, resume=None,
                   extra_meta=None):
     """Minibatch training of a :class:`StochasticMLP` through a device backend.
@@ -569,6 +569,10 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
         has not improved by ``tol`` for more than ``n_iter_no_change`` epochs.
     progress : bool
         One bar over all batches of the run, with an ETA (slow instruments).
+    shuffle : bool
+        Draw a new sample order every epoch (else the data's order).
+    optimizer_params : dict or None
+        ``beta1``, ``beta2``, ``eps`` (Adam) and ``nesterov`` (SGD).
     callbacks : sequence of callables ``cb(epoch, info, network) -> bool``
         Called after every epoch; returning True stops training.
     network, optimizer, start_epoch, history
@@ -624,9 +628,12 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
     params = network.coefs + network.intercepts
     if optimizer is None:
         if solver == "adam":
-            optimizer = Adam(params, lr=learning_rate)
+            op = optimizer_params or {}
+            optimizer = Adam(params, lr=learning_rate, beta1=op.get("beta1", 0.9),
+                             beta2=op.get("beta2", 0.999), eps=op.get("eps", 1e-8))
         elif solver == "sgd":
-            optimizer = SGD(params, lr=learning_rate, momentum=momentum)
+            optimizer = SGD(params, lr=learning_rate, momentum=momentum,
+                            nesterov=(optimizer_params or {}).get("nesterov", True))
         else:
             raise ValueError(f"solver must be 'adam' or 'sgd', got {solver!r}")
     opt_hyper = ({"lr": optimizer.lr, "beta1": optimizer.beta1, "beta2": optimizer.beta2,
@@ -674,7 +681,7 @@ def train_network(X, y, n_classes, *, hidden_layer_sizes, backend, surrogate, ma
             t0 = time.perf_counter()
             # A mid-epoch checkpoint carries the epoch's order; an epoch-end one does not.
             if resume is None or epoch != start_epoch or len(order) == 0:
-                order = rng.permutation(n)
+                order = rng.permutation(n) if shuffle else np.arange(n)
                 tot_loss, correct = 0.0, 0
                 first_batch = 0
             else:

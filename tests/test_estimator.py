@@ -186,3 +186,28 @@ def test_predictions_do_not_depend_on_the_batch(digits):
     perm = np.random.default_rng(0).permutation(len(Xte))
     np.testing.assert_array_equal(clf.predict_proba(Xte[perm]), P[perm])
     np.testing.assert_array_equal(clf.predict_proba(Xte), P)      # repeatable
+
+
+def test_mlpclassifier_optimiser_names(digits):
+    Xtr, _, ytr, _ = digits
+    with pytest.raises(TypeError):
+        SOTClassifier((8,), 20.0)                        # keyword-only after the sizes
+    kw = dict(hidden_layer_sizes=(8,), devices=20.0, max_iter=1, random_state=0)
+    clf = SOTClassifier(beta_1=0.5, beta_2=0.9, epsilon=1e-3, **kw).fit(Xtr, ytr)
+    opt = clf._train_state["optimizer"]
+    assert (opt.beta1, opt.beta2, opt.eps) == (0.5, 0.9, 1e-3)
+    base = SOTClassifier(**kw).fit(Xtr, ytr)
+    assert not np.array_equal(clf.coefs_[0], base.coefs_[0])
+    sgd = SOTClassifier(solver="sgd", nesterovs_momentum=False, **kw).fit(Xtr, ytr)
+    assert sgd._train_state["optimizer"].nesterov is False
+    # shuffle=False trains on the data's order: the same as feeding it pre-ordered
+    a = SOTClassifier(shuffle=False, **kw).fit(Xtr, ytr)
+    b = SOTClassifier(shuffle=False, **kw).fit(Xtr[::-1], ytr[::-1])
+    assert not np.array_equal(a.coefs_[0], b.coefs_[0])
+    c = SOTClassifier(shuffle=True, **kw).fit(Xtr, ytr)
+    assert not np.array_equal(a.coefs_[0], c.coefs_[0])
+    auto = SOTClassifier(batch_size="auto", **kw)
+    assert auto._batch(1000) == 200 and auto._batch(50) == 50
+    auto.fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="batch_size"):
+        SOTClassifier(batch_size="big", **kw).fit(Xtr, ytr)
