@@ -6,6 +6,8 @@ SOTCORE_BOUNDSCHECK=1   compile the kernels with Cython bounds and wraparound
                         checks on (debug build; slower).
 SOTCORE_NATIVE=1        add ``-march=native`` (not portable; off by default).
 SOTCORE_NO_OPENMP=1     build without OpenMP even if the compiler supports it.
+SOTCORE_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer build (see
+                        tools/sanitize.sh; load libasan with LD_PRELOAD to run it).
 """
 import os
 import shutil
@@ -53,6 +55,13 @@ omp_c, omp_l = _openmp_flags()
 extra_compile = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + omp_c
 if _truthy("SOTCORE_NATIVE"):
     extra_compile.append("-march=native")
+extra_link = list(omp_l)
+if _truthy("SOTCORE_SANITIZE"):
+    # AddressSanitizer + UndefinedBehaviorSanitizer build (tools/sanitize.sh runs it)
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+           "-fno-sanitize-recover=undefined"]
+    extra_compile = [f for f in extra_compile if f != "-O3"] + ["-O1", "-g"] + san
+    extra_link += san
 
 ext = Extension(
     "sotcore._kernels",
@@ -61,7 +70,7 @@ ext = Extension(
     include_dirs=[np.get_include(), "sotcore"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=extra_compile,
-    extra_link_args=omp_l,
+    extra_link_args=extra_link,
 )
 
 setup(
