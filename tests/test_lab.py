@@ -591,3 +591,15 @@ def test_replay_files_are_checked(tmp_path, pop20):
     (tmp_path / "torn.npz").write_bytes((tmp_path / "log.npz").read_bytes()[:200])
     with pytest.raises(ValueError, match="torn.npz"):
         sotcore.ReplayBackend.load(tmp_path / "torn.npz")
+
+
+def test_fine_tuning_after_pretraining_uses_its_own_rate(digits):
+    Xtr, _, ytr, _ = digits
+    pop = sotcore.DevicePopulation.from_width(20.0, 16, random_state=0)
+    kw = dict(FAST, pretrain="hardware-aware", hil_epochs=1, calibration=pop, devices=pop)
+    clf = SOTClassifier(**kw).fit(Xtr, ytr)
+    assert clf._train_state["optimizer"].lr == pytest.approx(FAST.get("learning_rate_init",
+                                                                       3e-3) / 10)
+    assert clf._train_state["optimizer"].t == -(-len(Xtr) // 64)    # fresh: one epoch
+    clf = SOTClassifier(hil_learning_rate=5e-4, **kw).fit(Xtr, ytr)
+    assert clf._train_state["optimizer"].lr == 5e-4
