@@ -28,8 +28,8 @@ import numpy as np
 
 import sotcore
 from sotcore import datasets
-from sotcore.backends import (CompensatedBackend, EmulatedBackend, RecordingBackend,
-                              calibrate_backend)
+from sotcore.backends import CompensatedBackend, EmulatedBackend, RecordingBackend
+from sotcore.characterize import calibrate_backend, recalibrate
 from sotcore.devices import DeviceAging
 from sotcore.training import nominal_curve
 
@@ -47,7 +47,7 @@ def run(scenario, pop, aging, data, args, seed):
         backend = comp
         if scenario == "drift + recal":
             def recal(epoch, info, net):
-                comp.recalibrate(rec.records())
+                recalibrate(comp, rec.records())
                 rec.log.clear()
                 return False
             callbacks = [recal]
@@ -72,7 +72,7 @@ def run(scenario, pop, aging, data, args, seed):
             clf.set_params(n_samples=8)
             clf.predict_proba(Xtr[:args.recal_inputs])
             out.setdefault("recalibrated_devices", []).append(
-                int(comp.recalibrate(rec.records()).sum()))
+                int(recalibrate(comp, rec.records()).sum()))
         rec.log.clear()
         clf.set_params(n_samples=args.T)
     out["accuracy_in_service"] = float(clf.score(Xte, yte))

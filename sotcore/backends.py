@@ -712,65 +712,25 @@ class CompensatedBackend(DeviceBackend):
                    + (currents - ref.i50[idx].astype(currents.dtype)) * gain)
         return self.inner.pulse(applied, devices)
 
-    def recalibrate(self, records, *, bin_width=None, min_pulses=200, max_rel_se=0.25):
-        """Refit the devices' present curves from per-pulse records.
-
-        ``records``: dict of ``device``, ``current`` (applied amperes) and
-        ``switched`` arrays, e.g. ``RecordingBackend.records(last=k)``.
-        Currents are binned (``bin_width`` amperes, default a quarter of the
-        median reference scale) before the binomial fit.  Devices with fewer
-        than ``min_pulses`` pulses or fewer than 3 bins with both outcomes,
-        flagged fits (stuck, poor fit, non-monotone, at a bound) or an I50
-        standard error above ``max_rel_se`` of the scale keep their previous
-        curve.  Returns the boolean mask of devices updated.
-        """
-        from .calibration import calibrate
-        dev = np.asarray(records["device"], dtype=np.int64)
-        cur = np.asarray(records["current"], dtype=np.float64)
-        sw = np.asarray(records["switched"], dtype=np.int64)
-        if bin_width is None:
-            bin_width = 0.25 * float(np.median(self.reference.scale))
-        b = np.rint(cur / bin_width).astype(np.int64)
-        key = dev * (1 << 40) + (b - b.min(initial=0))
-        uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
-        sw_sum = np.bincount(inv, weights=sw, minlength=uniq.size)
-        cur_mean = np.bincount(inv, weights=cur, minlength=uniq.size) / counts
-        d = uniq >> 40
-        per_dev = np.bincount(d, weights=counts, minlength=self.n_devices)
-        # Only devices whose pulses straddle their switching region carry
-        # information: >= 3 current bins with both outcomes.  Near-separable
-        # devices (scale -> 0) would also stall the joint fit.
-        mixed = (sw_sum > 0) & (sw_sum < counts)
-        n_mixed = np.bincount(d, weights=mixed, minlength=self.n_devices)
-        use = (per_dev[d] >= min_pulses) & (n_mixed[d] >= 3)
-        updated = np.zeros(self.n_devices, bool)
-        if not use.any():
-            return updated
-        table = {"device": d[use], "current": cur_mean[use], "pulses": counts[use],
-                 "switched": sw_sum[use].astype(np.int64)}
-        res = calibrate(table, progress=False)
-        f = res.per_device
-        labels = np.asarray(f["device"], dtype=np.int64)
-        good = ~(f["stuck"] | f["poor_fit"] | f["nonmonotone"] | f["at_bound"]) \
-            & np.isfinite(f["i50"]) & (f["i50_se"] < max_rel_se * f["scale"])
-        i50 = self.i50_now.copy()
-        scale = self.scale_now.copy()
-        i50[labels[good]] = f["i50"][good]
-        scale[labels[good]] = f["scale"][good]
-        mask = np.zeros(self.n_devices, bool)
-        mask[labels[good]] = True
-        updated = self.set_curves(i50, scale, mask)
-        self.recalibrations += 1
-        return updated
+    def recalibrate(self, records, **kwargs):
+        """Deprecated: use :func:`sotcore.characterize.recalibrate` (measuring devices
+        lives in ``characterize``, which builds on the backends)."""
+        import warnings
+        warnings.warn("CompensatedBackend.recalibrate is deprecated; use "
+                      "sotcore.characterize.recalibrate(backend, records)", DeprecationWarning,
+                      stacklevel=2)
+        from .characterize import recalibrate   # the deprecation shim only
+        return recalibrate(self, records, **kwargs)
 
     def get_state(self):
         inner = self.inner.get_state() if hasattr(self.inner, "get_state") else None
         return {**super().get_state(), "inner": inner, "i50_now": self.i50_now.tolist(),
-                "scale_now": self.scale_now.tolist()}
+                "scale_now": self.scale_now.tolist(), "recalibrations": self.recalibrations}
 
     def set_state(self, state):
         super().set_state(state)
         self.i50_now = np.asarray(state["i50_now"], dtype=np.float64)
         self.scale_now = np.asarray(state["scale_now"], dtype=np.float64)
+        self.recalibrations = int(state.get("recalibrations", self.recalibrations))
         if state.get("inner") is not None and hasattr(self.inner, "set_state"):
             self.inner.set_state(state["inner"])

@@ -29,7 +29,8 @@ from .calibration import calibrate
 from .devices import WINDOW_PER_SCALE, DevicePopulation
 from .exceptions import InvalidInputError
 
-__all__ = ["calibrate_backend", "estimate_calibration_pulses", "DEFAULT_MAX_PULSES", "STAGES"]
+__all__ = ["calibrate_backend", "estimate_calibration_pulses", "recalibrate", "DEFAULT_MAX_PULSES",
+           "STAGES"]
 
 #: Default pulse budget per device.  The default scan needs 3,320 pulses per
 #: device for a good guess; the rest pays for expanding the coarse scan and
@@ -627,3 +628,55 @@ def _finish(res, log, m, exhausted, lo_lim, hi_lim, sn):
                 "budget_exhausted": exhausted, "min_current": lo_lim, "max_current": hi_lim,
                 "stages": STAGES}
     return res
+
+
+def recalibrate(backend, records, *, bin_width=None, min_pulses=200, max_rel_se=0.25):
+    """Refit a :class:`~sotcore.backends.CompensatedBackend`'s present curves from
+    per-pulse records (drift compensation).
+
+    ``records``: dict of ``device``, ``current`` (applied amperes) and
+    ``switched`` arrays, e.g. ``RecordingBackend.records(last=k)``.
+    Currents are binned (``bin_width`` amperes, default a quarter of the
+    median reference scale) before the binomial fit.  Devices with fewer
+    than ``min_pulses`` pulses or fewer than 3 bins with both outcomes,
+    flagged fits (stuck, poor fit, non-monotone, at a bound) or an I50
+    standard error above ``max_rel_se`` of the scale keep their previous
+    curve.  Returns the boolean mask of devices updated.
+    """
+    dev = np.asarray(records["device"], dtype=np.int64)
+    cur = np.asarray(records["current"], dtype=np.float64)
+    sw = np.asarray(records["switched"], dtype=np.int64)
+    if bin_width is None:
+        bin_width = 0.25 * float(np.median(backend.reference.scale))
+    b = np.rint(cur / bin_width).astype(np.int64)
+    key = dev * (1 << 40) + (b - b.min(initial=0))
+    uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    sw_sum = np.bincount(inv, weights=sw, minlength=uniq.size)
+    cur_mean = np.bincount(inv, weights=cur, minlength=uniq.size) / counts
+    d = uniq >> 40
+    per_dev = np.bincount(d, weights=counts, minlength=backend.n_devices)
+    # Only devices whose pulses straddle their switching region carry
+    # information: >= 3 current bins with both outcomes.  Near-separable
+    # devices (scale -> 0) would also stall the joint fit.
+    mixed = (sw_sum > 0) & (sw_sum < counts)
+    n_mixed = np.bincount(d, weights=mixed, minlength=backend.n_devices)
+    use = (per_dev[d] >= min_pulses) & (n_mixed[d] >= 3)
+    updated = np.zeros(backend.n_devices, bool)
+    if not use.any():
+        return updated
+    table = {"device": d[use], "current": cur_mean[use], "pulses": counts[use],
+             "switched": sw_sum[use].astype(np.int64)}
+    res = calibrate(table, progress=False)
+    f = res.per_device
+    labels = np.asarray(f["device"], dtype=np.int64)
+    good = ~(f["stuck"] | f["poor_fit"] | f["nonmonotone"] | f["at_bound"]) \
+        & np.isfinite(f["i50"]) & (f["i50_se"] < max_rel_se * f["scale"])
+    i50 = backend.i50_now.copy()
+    scale = backend.scale_now.copy()
+    i50[labels[good]] = f["i50"][good]
+    scale[labels[good]] = f["scale"][good]
+    mask = np.zeros(backend.n_devices, bool)
+    mask[labels[good]] = True
+    updated = backend.set_curves(i50, scale, mask)
+    backend.recalibrations += 1
+    return updated

@@ -482,3 +482,30 @@ def test_any_guess_brackets_or_flags_within_limits(i50, log_scale, guess, log_gu
     # a device far inside the limits (P < 1e-3 at lo, > 1 - 1e-3 at hi) is bracketed
     deep = (np.asarray(i50) - 7 * s > lo) & (np.asarray(i50) + 7 * s < hi)
     assert not f["not_bracketed"][deep].any()
+
+
+def test_recalibrate_follows_drifted_devices(global_random_seed):
+    """Devices drift by +3 scales; recalibration from recorded pulses finds the new
+    I50 within its standard errors' reach and compensation restores the reference."""
+    from sotcore.backends import CompensatedBackend, EmulatedBackend, RecordingBackend
+    from sotcore.characterize import recalibrate
+    ref = sotcore.DevicePopulation.from_width(20.0, 12, variability=0.1, random_state=3)
+    drifted = sotcore.DevicePopulation(ref.i50 + 3 * ref.scale, ref.scale * 1.1)
+    rec = RecordingBackend(EmulatedBackend(drifted, global_random_seed))
+    comp = CompensatedBackend(rec, ref)
+    rng = np.random.default_rng(global_random_seed)
+    cur = ref.i50 + ref.scale * rng.uniform(-4, 4, (3000, 12))
+    comp.pulse(cur)
+    updated = recalibrate(comp, rec.records())
+    assert updated.all() and comp.recalibrations == 1
+    assert np.abs(comp.i50_now - drifted.i50).max() < 0.25 * ref.scale.min()
+    np.testing.assert_allclose(comp.scale_now, drifted.scale, rtol=0.15)
+    # compensated pulses at the reference I50 switch half the time again
+    bits = comp.pulse(np.tile(ref.i50, (4000, 1)))
+    assert np.abs(bits.mean(axis=0) - 0.5).max() < 0.06
+    with pytest.warns(DeprecationWarning):
+        comp.recalibrate(rec.records())
+    # too few pulses: nothing changes
+    comp2 = CompensatedBackend(RecordingBackend(EmulatedBackend(drifted, 1)), ref)
+    assert not recalibrate(comp2, {"device": np.zeros(10, int), "current": np.zeros(10),
+                                   "switched": np.zeros(10, int)}).any()
