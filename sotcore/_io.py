@@ -14,6 +14,7 @@ Every failure caused by the file's content raises
 :class:`~sotcore.exceptions.InvalidInputError` naming the file (and the
 member or field); a missing file raises ``FileNotFoundError``.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -397,3 +398,21 @@ def array_digest(arrays):
         h.update(a.tobytes())
     return h.hexdigest()
 
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path, busy_message):
+    """Hold an exclusive, non-blocking ``flock`` on ``lock_path`` while inside.
+
+    Raises InvalidInputError(``busy_message``) if another process or thread holds
+    it.  The lock dies with its process, so a killed run never leaves it stuck.
+    """
+    import fcntl
+    fh = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InvalidInputError(busy_message) from None
+        yield
+    finally:
+        fh.close()

@@ -60,21 +60,13 @@ def _checkpoint_lock(path):
     if path is None:
         yield
         return
-    import fcntl
     lock = Path(str(path) + ".lock")
     if not lock.resolve().parent.is_dir():
         raise ValueError(f"checkpoint: directory {lock.resolve().parent} does not exist")
-    fh = open(lock, "a+")
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ValueError(f"checkpoint {path} is being written by another fit; give each "
-                             "estimator its own checkpoint path (clones share it: e.g. "
-                             "cross_val_score with checkpoint= set)") from None
+    with _io.exclusive_lock(lock, f"checkpoint {path} is being written by another fit; give "
+                            "each estimator its own checkpoint path (clones share it: e.g. "
+                            "cross_val_score with checkpoint= set)"):
         yield
-    finally:
-        fh.close()
 
 
 class _RowKeys:

@@ -8,8 +8,6 @@ file as soon as it arrives, so an interrupted sweep resumes where it stopped
 how a sweep goes past one machine.
 """
 import collections
-import contextlib
-import fcntl
 import functools
 import hashlib
 import itertools
@@ -223,20 +221,11 @@ def _append(path, records):
             raise
 
 
-@contextlib.contextmanager
 def _locked(path):
     """Hold an exclusive lock on ``path`` (via ``.<name>.lock``): one driver per file."""
-    lock = path.with_name(f".{path.name}.lock")
-    fh = open(lock, "a+")
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InvalidInputError(f"{path}: another sweep is writing to this results file; "
-                                    "wait for it or use another --out") from None
-        yield
-    finally:
-        fh.close()
+    return _io.exclusive_lock(path.with_name(f".{path.name}.lock"),
+                              f"{path}: another sweep is writing to this results file; "
+                              "wait for it or use another --out")
 
 
 def _repair(path):
