@@ -44,11 +44,6 @@ def aligned_empty(shape, dtype, align=64):
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
-def blas_threads(n):
-    """Context manager limiting the BLAS libraries to ``n`` threads (see ``_threads``)."""
-    return blas_limit(n)
-
-
 def first_layer(X, s, e, W1, xbuf, zbuf):
     """``X[s:e] @ W1`` (no bias) into ``zbuf[:e - s]`` by one BLAS call of
     ``FIRST_LAYER_ROWS`` rows; ``xbuf`` pads a partial or non-C-ordered block."""
@@ -125,7 +120,7 @@ def fused_predict(X, W1, b1, W2, b2, unit, offset, table, seed, stream, keys, T,
                                           kw[s - r0:e - r0], T, out[s:e], 1)
         return bad
 
-    with blas_threads(1):
+    with blas_limit(1):
         if nw == 1:
             bad = worker(0)
         else:

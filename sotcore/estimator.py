@@ -22,7 +22,7 @@ from ._utils import seed_from_random_state
 from .backends import EmulatedBackend
 from .devices import DevicePopulation
 from .exceptions import InvalidInputError
-from .network import CurrentMapping, DeviceMap
+from .network import CurrentMapping, DeviceMap, layer_slices
 from .training import (MODES, SURROGATES, make_surrogate, nominal_curve, suggest_mapping,
                        train_network)
 
@@ -663,27 +663,13 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         n = int(np.shape(X)[0])
         n_score = n if n_score is None else int(n_score)
         hidden = self._hidden_sizes()
-        seeds_saved = getattr(self, "_seeds", None)
-        saved = {k: getattr(self, k) for k in ("devices_", "_user_backend", "device_map_",
-                                               "_calib_", "mapping_", "_nominal",
-                                               "nominal_device_", "_nominal_pop", "_eval_on")
-                 if hasattr(self, k)}
-        try:
-            self._seeds = np.zeros(4, np.int64)
-            self._setup(sum(hidden))
-            dmap, backend = self.device_map_, self._user_backend
-            stages = self._stages(False)
-        finally:
-            for k, v in saved.items():
-                setattr(self, k, v)
-            if seeds_saved is None:
-                self.__dict__.pop("_seeds", None)
-            else:
-                self._seeds = seeds_saved
-            for k in ("devices_", "_user_backend", "device_map_", "_calib_", "mapping_",
-                      "_nominal", "nominal_device_", "_nominal_pop", "_eval_on"):
-                if k not in saved:
-                    self.__dict__.pop(k, None)
+        # Resolve devices, map and mapping on a clone (it keeps a backend object):
+        # this estimator's fitted state stays as it is, and nothing is pulsed.
+        probe = clone(self)
+        probe._seeds = np.zeros(4, np.int64)
+        probe._setup(sum(hidden))
+        dmap, backend = probe.device_map_, probe._user_backend
+        stages = probe._stages(False)
         n_train, n_val = n, 0
         if self.early_stopping:
             n_val = int(np.ceil(n * self.validation_fraction))
@@ -701,7 +687,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             """(instrument calls, hardware seconds) of pulsing every layer for each
             entry of ``row_counts`` (rows per network-level request)."""
             calls, secs = 0, 0.0
-            for sl in _layer_slices(hidden):
+            for sl in layer_slices(hidden):
                 plan = dmap.plan(sl)
                 groups = [(1, sl.stop - sl.start)] if plan.distinct or accepts else \
                     [(g.shape[0], d.size) for g, d in plan.groups]
@@ -1087,11 +1073,3 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             if not np.isfinite(probe).all():
                 raise bad("the model predicts non-finite probabilities")
         return est
-
-
-def _layer_slices(hidden):
-    out, start = [], 0
-    for h in hidden:
-        out.append(slice(start, start + h))
-        start += h
-    return out

@@ -16,11 +16,12 @@ from scipy.special import expit
 from tqdm.auto import tqdm
 
 from . import _kernels
-from ._fused import FIRST_LAYER_ROWS, blas_threads, first_layer, keyed_samples
+from ._fused import FIRST_LAYER_ROWS, first_layer, keyed_samples
+from ._threads import blas_limit
 from ._utils import effective_n_threads
 from .exceptions import BackendError, SotcoreError
 
-__all__ = ["CurrentMapping", "DeviceMap", "StochasticMLP", "softmax"]
+__all__ = ["CurrentMapping", "DeviceMap", "StochasticMLP", "layer_slices", "softmax"]
 
 
 @dataclass(frozen=True)
@@ -250,11 +251,7 @@ class StochasticMLP:
 
     def device_slices(self):
         """The neurons of each hidden layer (slices of the neuron numbering)."""
-        out, start = [], 0
-        for h in self.hidden_sizes:
-            out.append(slice(start, start + h))
-            start += h
-        return out
+        return layer_slices(self.hidden_sizes)
 
     def pulse_layer(self, backend, currents, k):
         """Pulse hidden layer ``k``'s neurons on their devices; bits (n, H_k)."""
@@ -357,7 +354,7 @@ class StochasticMLP:
         zbuf = np.empty((CH, self.layer_sizes[1]), np.float32)
         W1 = np.ascontiguousarray(self.coefs[0], dtype=np.float32)
         bar = tqdm(total=n, desc="predict", unit="row", disable=not progress, leave=False)
-        with blas_threads(1):
+        with blas_limit(1):
             for s in range(0, n, batch_size):
                 e = min(s + batch_size, n)
                 z = np.empty((e - s, self.layer_sizes[1]), np.float32)
@@ -386,6 +383,15 @@ class StochasticMLP:
                 bar.update(e - s)
         bar.close()
         return out
+
+
+def layer_slices(hidden_sizes):
+    """Slices of the neuron numbering (across layers) that each hidden layer occupies."""
+    out, start = [], 0
+    for h in hidden_sizes:
+        out.append(slice(start, start + int(h)))
+        start += int(h)
+    return out
 
 
 def _fusable(backend):
