@@ -74,7 +74,7 @@ def fused_predict(X, W1, b1, W2, b2, unit, offset, table, seed, stream, keys, T,
     row of X, or a callable giving the keys of a block of rows.  Per block of
     ``FIRST_LAYER_ROWS`` inputs the first layer runs in BLAS, then one compiled
     kernel thresholds each (input, neuron) once, draws all T samples and
-    accumulates the output layer from subset sums (``_sotfused.h``).
+    accumulates the output layer from subset sums (``_sot_infer.h``).
     Returns ``(probabilities (n, C) float64, nonfinite)``.
     """
     n, d = X.shape

@@ -245,12 +245,12 @@ def binary_matvec(const uint8_t[:, ::1] bits, const float[:, ::1] W,
 
 
 # ---------------------------------------------------------------------------
-# Fused kernels (_sotfused.h): multi-sample inference of a network with one
+# Fused kernels (_sot_infer.h, _sot_optim.h, _sot_train.h): multi-sample inference of a network with one
 # hidden layer of devices, optimiser steps, the nominal surrogate, row hashes.
 from cython.parallel cimport parallel
 from libc.stdint cimport uint16_t, int64_t
 
-cdef extern from "_sotfused.h" nogil:
+cdef extern from "_sot_infer.h" nogil:
     ctypedef struct sot_fused_model:
         Py_ssize_t H, Hp, ldz
         const float *A
@@ -267,12 +267,16 @@ cdef extern from "_sotfused.h" nogil:
                         double *accd, double *out)
     void sot_subset_table(const float *W, Py_ssize_t H, Py_ssize_t C, Py_ssize_t Hp,
                           Py_ssize_t Cp, float *R)
+
+cdef extern from "_sot_optim.h" nogil:
     void sot_adam_f32(float *p, const float *g, float *m, float *v, Py_ssize_t n, float lr,
                       float b1, float c1, float b2, float c2, float eps, float l2)
     void sot_sgd_f32(float *p, const float *g, float *vel, Py_ssize_t n, float lr, float mu,
                      int nesterov, float l2)
     void sot_sigmoid_deriv_mul(float *g, const float *cur, Py_ssize_t n, float i50, float scale,
                                float k_unit)
+
+cdef extern from "_sot_train.h" nogil:
     void sot_row_hash(const uint32_t *X, Py_ssize_t nrows, Py_ssize_t d, const uint64_t *mult,
                       uint64_t *out)
     double sot_train_output_step(const uint8_t *bits, Py_ssize_t n, Py_ssize_t T, Py_ssize_t H,
@@ -341,7 +345,7 @@ def fused_predict(const float[:, ::1] Z, const float[::1] A, const float[::1] B,
 
     Rows are processed in blocks of ``block_rows`` (each block's thresholds
     are computed tile by tile, then sampled); bit-identical for any
-    ``n_threads``, ``block_rows`` or CPU path (``_sotfused.h``).
+    ``n_threads``, ``block_rows`` or CPU path (``_sot_infer.h``).
     Returns True if some ``Z`` was NaN or infinite (sampled as clamped).
     """
     cdef Py_ssize_t n = Z.shape[0], H = Z.shape[1], G = table.shape[1]
@@ -516,7 +520,7 @@ def train_output_step(const uint8_t[:, ::1] bits, Py_ssize_t n_samples, const fl
                       double scale, double k_unit, float[:, ::1] g1, float[:, ::1] gW2,
                       float[::1] gb2, float[::1] gb1, float[::1] scratch):
     """Output layer, mixture loss and backward pass of one training step of a
-    network with one hidden layer, in one pass (``_sotfused.h``).
+    network with one hidden layer, in one pass (``_sot_train.h``).
 
     ``bits`` (n*T, H): the devices' answers (0/1), row ``i*T + t``; ``W2p``
     (H, Cp) the output weights zero-padded to ``Cp`` (a multiple of 16)

@@ -1,4 +1,4 @@
-"""The fused kernels (``_sotfused.h``): inference, optimiser steps, surrogate, row hash.
+"""The fused kernels (``_sot_infer.h``, ``_sot_optim.h``, ``_sot_train.h``): inference, optimiser steps, surrogate, row hash.
 
 * ``_ref_fused`` re-implements the fused inference kernel's *bits* in NumPy
   (interpolated thresholds, the 16-bit counter-based draws with the rare

@@ -1,6 +1,6 @@
-/* Fused kernels of sotcore._kernels: multi-sample inference of a network with
- * one hidden layer of devices, the optimisers' update steps, the nominal
- * surrogate derivative and a row hash.  Uses the generator of _sotrng.h.
+/* Inference kernels of sotcore._kernels: the fused multi-sample forward pass
+ * of a network with one hidden layer of devices.  Uses the generator of
+ * _sotrng.h.  (Optimiser steps: _sot_optim.h; training step: _sot_train.h.)
  *
  * ==========================================================================
  * Fused inference (one hidden layer, H devices, C classes, T samples)
@@ -54,14 +54,15 @@
  * 64 table adds for 500 devices), against ~5 us per input for the first
  * layer's sgemm on one core.
  * ========================================================================== */
-#ifndef SOTCORE_SOTFUSED_H
-#define SOTCORE_SOTFUSED_H
+#ifndef SOTCORE_SOT_INFER_H
+#define SOTCORE_SOT_INFER_H
 
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
 #include <math.h>
 #include "_sotrng.h"
+#include "_sot_math.h"
 
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
@@ -84,42 +85,6 @@ typedef struct {
     ptrdiff_t T;
 } sot_fused_model;
 
-/* ---------------------------------------------------------------- helpers */
-#define SOT_EXP_LOG2E 1.44269504088896341f
-#define SOT_EXP_MAGIC 12582912.0f          /* 1.5 * 2**23: rounds to an integer */
-#define SOT_EXP_C1 0.693359375f
-#define SOT_EXP_C2 -2.12194440e-4f
-#define SOT_EXP_P0 1.9875691500e-4f
-#define SOT_EXP_P1 1.3981999507e-3f
-#define SOT_EXP_P2 8.3334519073e-3f
-#define SOT_EXP_P3 4.1665795894e-2f
-#define SOT_EXP_P4 1.6666665459e-1f
-#define SOT_EXP_P5 5.0000001201e-1f
-
-/* exp(x) for float32 (Cephes' polynomial, ~1 ulp), argument clamped to
- * [-87, 88]; NaN counts as -87.  The vector version does the same steps. */
-static inline float sot_expf(float x)
-{
-    x = x > -87.0f ? x : -87.0f;
-    x = x < 88.0f ? x : 88.0f;
-    float fx = x * SOT_EXP_LOG2E;
-    fx = (fx + SOT_EXP_MAGIC) - SOT_EXP_MAGIC;
-    float r = x - fx * SOT_EXP_C1;
-    r = r - fx * SOT_EXP_C2;
-    float y = SOT_EXP_P0;
-    y = y * r + SOT_EXP_P1;
-    y = y * r + SOT_EXP_P2;
-    y = y * r + SOT_EXP_P3;
-    y = y * r + SOT_EXP_P4;
-    y = y * r + SOT_EXP_P5;
-    const float r2 = r * r;
-    y = y * r2 + r + 1.0f;
-    const uint32_t eb = (uint32_t)((int32_t)fx + 127) << 23;
-    float sc;
-    memcpy(&sc, &eb, sizeof sc);
-    return y * sc;
-}
-
 /* The rare second halves: bit k of the result is lo16 < tl for each set bit
  * k of `eq` (devices j0 + k whose 16-bit word equalled th). */
 static inline uint32_t sot_fused_low(uint64_t key2, uint64_t q, ptrdiff_t Hp, ptrdiff_t j0,
@@ -127,7 +92,7 @@ static inline uint32_t sot_fused_low(uint64_t key2, uint64_t q, ptrdiff_t Hp, pt
 {
     uint32_t m = 0;
     while (eq) {
-        const int k = __builtin_ctz(eq);
+        const int k = SOT_CTZ32(eq);
         eq &= eq - 1;
         const uint64_t j = (uint64_t)(j0 + k);
         const uint16_t lo = (uint16_t)sot_u64(key2, q * (uint64_t)Hp + j);
@@ -396,7 +361,7 @@ SOT_AVX512 static void sot_fused_sample_avx512(const sot_fused_model *md, ptrdif
                     const __m512i tv = _mm512_loadu_si512(th + 32 * b);
                     uint32_t m = _mm512_cmplt_epu16_mask(w, tv);
                     const uint32_t eq = _mm512_cmpeq_epu16_mask(w, tv);
-                    if (__builtin_expect(eq != 0, 0))
+                    if (SOT_UNLIKELY(eq != 0))
                         m |= sot_fused_low(md->key2, q, Hp, 32 * b, eq, tl);
                     a0 = _mm512_add_ps(a0, _mm512_loadu_ps(Rb + (m & 255u) * 16));
                     a1 = _mm512_add_ps(a1, _mm512_loadu_ps(Rb + (256 + ((m >> 8) & 255u)) * 16));
@@ -433,7 +398,7 @@ SOT_AVX512 static void sot_fused_sample_avx512(const sot_fused_model *md, ptrdif
                 const __m512i tv = _mm512_loadu_si512(th + 32 * b);
                 uint32_t m = _mm512_cmplt_epu16_mask(w, tv);
                 const uint32_t eq = _mm512_cmpeq_epu16_mask(w, tv);
-                if (__builtin_expect(eq != 0, 0))
+                if (SOT_UNLIKELY(eq != 0))
                     m |= sot_fused_low(md->key2, q, Hp, 32 * b, eq, tl);
                 for (int k = 0; k < 4; ++k) {
                     const float *r = md->R + ((4 * b + k) * 256 + ((m >> (8 * k)) & 255u)) * Cp;
@@ -489,243 +454,13 @@ static void sot_subset_table(const float *W, ptrdiff_t H, ptrdiff_t C, ptrdiff_t
         float *Rg = R + g * 256 * Cp;
         memset(Rg, 0, Cp * sizeof(float));
         for (int s = 1; s < 256; ++s) {
-            const int k = __builtin_ctz((unsigned)s);
+            const int k = SOT_CTZ32((uint32_t)s);
             const float *prev = Rg + (s & (s - 1)) * Cp;
             const ptrdiff_t row = 8 * g + k;
             float *dst = Rg + s * Cp;
             for (ptrdiff_t c = 0; c < Cp; ++c)
                 dst[c] = prev[c] + (row < H && c < C ? W[row * C + c] : 0.0f);
         }
-    }
-}
-
-/* ==========================================================================
- * Optimiser steps, float32, in place, one pass.  g' = g + l2 p (L2 penalty
- * folded in); Adam's c1 = 1 - b1 and c2 = 1 - b2 are rounded from double.  Element-wise, so results do not depend on the chunking.
- * ========================================================================== */
-SOT_CLONES
-static void sot_adam_f32(float *p, const float *g, float *m, float *v, ptrdiff_t n, float lr,
-                         float b1, float c1, float b2, float c2, float eps, float l2)
-{
-    for (ptrdiff_t k = 0; k < n; ++k) {
-        const float gk = g[k] + l2 * p[k];
-        const float mk = b1 * m[k] + c1 * gk;
-        const float vk = b2 * v[k] + c2 * (gk * gk);
-        m[k] = mk;
-        v[k] = vk;
-        p[k] = p[k] - lr * mk / (sqrtf(vk) + eps);
-    }
-}
-
-SOT_CLONES
-static void sot_sgd_f32(float *p, const float *g, float *vel, ptrdiff_t n, float lr, float mu,
-                        int nesterov, float l2)
-{
-    for (ptrdiff_t k = 0; k < n; ++k) {
-        const float gk = g[k] + l2 * p[k];
-        const float vk = mu * vel[k] - lr * gk;
-        vel[k] = vk;
-        p[k] = nesterov ? p[k] + (mu * vk - lr * gk) : p[k] + vk;
-    }
-}
-
-/* g[k] *= k_unit * s (1 - s), s = expit((cur[k] - i50) / scale), computed as
- * e / (1 + e)**2 with e = exp(-|x|) (stable, symmetric). */
-SOT_CLONES
-static void sot_sigmoid_deriv_mul(float *g, const float *cur, ptrdiff_t n, float i50,
-                                  float scale, float k_unit)
-{
-    for (ptrdiff_t k = 0; k < n; ++k) {
-        const float x = (cur[k] - i50) / scale;
-        const float e = sot_expf(-fabsf(x));
-        const float d = 1.0f + e;
-        g[k] = g[k] * (k_unit * (e / (d * d)));
-    }
-}
-
-/* ==========================================================================
- * One training step of a network with one hidden layer of H devices, after
- * the devices answered: output layer, mixture loss and backward pass, in one
- * pass over the batch (n inputs x T samples; bits row i*T + t).
- *
- *   z_r    = b2 + sum_j bit_rj W2[j]           (4 partial sums, j mod 4)
- *   p_r    = softmax(z_r)                      (sot_expf, sequential sums)
- *   loss_i = -log(max(mean_t p_(i,t)[y_i], 1e-12))
- *   g2_r   = (p_r w_t - onehot(y_i) w_t) / n,  w_t = p_(i,t)[y_i] / (T max(pbar, 1e-12))
- *   gW2    = sum_r bit_r^T g2_r,  gb2 = sum_r g2_r      (rows in order)
- *   g1_i   = (sum_t g2_(i,t)) W2^T * dP/dz(cur_i),      gb1 = sum_i g1_i
- *
- * Bits must be 0 or 1 (they enter as factors, so the loops do not branch).
- * dP/dz is the nominal curve's k e / (1 + e)**2, e = exp(-|cur - i50| / scale)
- * (deriv == NULL), or given (deriv, n x H).  All sums in a fixed order:
- * deterministic; mathematically the NumPy path of sotcore.training.
- * Returns the summed (not averaged) loss; *correct counts inputs whose
- * T-averaged argmax (first maximum) is y_i.
- * scratch: 3 Cp + n T Cp + 2 H + n T H floats.
- * ========================================================================== */
-/* 16 floats; loads and stores go through memcpy (no alignment assumed). */
-typedef float sot_v16f __attribute__((vector_size(64)));
-
-static inline sot_v16f sot_ld16(const float *p)
-{
-    sot_v16f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void sot_st16(float *p, sot_v16f v) { memcpy(p, &v, sizeof v); }
-
-SOT_CLONES
-static double sot_train_output_step(
-    const uint8_t *bits, ptrdiff_t n, ptrdiff_t T, ptrdiff_t H, const float *W2p,
-    const float *W2T, const float *b2p, ptrdiff_t C, ptrdiff_t Cp, const int64_t *y,
-    const float *cur, const float *deriv, float i50, float scale, float kunit, float *scratch,
-    float *g1, float *gW2, float *gb2, float *gb1, int64_t *correct)
-{
-    const ptrdiff_t nr = n * T;
-    float *acc = scratch, *mean = scratch + Cp, *ssum = scratch + 2 * Cp;
-    float *P = scratch + 3 * Cp;              /* nr x Cp: probabilities, then g2 */
-    float *gh = P + nr * Cp, *bf = gh + H;    /* H each */
-    float *hb = bf + H;                       /* nr x H: the bits as floats */
-    double loss = 0.0;
-    int64_t ok = 0;
-    const float invn = 1.0f / (float)n;
-    for (ptrdiff_t k = 0; k < nr * H; ++k) hb[k] = (float)bits[k];
-    memset(gb2, 0, Cp * sizeof(float));
-    memset(gb1, 0, H * sizeof(float));
-    for (ptrdiff_t i = 0; i < n; ++i) {
-        const int64_t yi = y[i];
-        float pysum = 0.0f;
-        for (ptrdiff_t c = 0; c < Cp; ++c) mean[c] = 0.0f;
-        for (ptrdiff_t t = 0; t < T; ++t) {
-            const float *b = hb + (i * T + t) * H;
-            float *p = P + (i * T + t) * Cp;
-            for (ptrdiff_t c0 = 0; c0 < Cp; c0 += 16) {
-                const float *w = W2p + c0;
-                sot_v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                ptrdiff_t j = 0;
-                for (; j + 4 <= H; j += 4) {
-                    a0 = a0 + sot_ld16(w + (j + 0) * Cp) * b[j + 0];
-                    a1 = a1 + sot_ld16(w + (j + 1) * Cp) * b[j + 1];
-                    a2 = a2 + sot_ld16(w + (j + 2) * Cp) * b[j + 2];
-                    a3 = a3 + sot_ld16(w + (j + 3) * Cp) * b[j + 3];
-                }
-                for (; j < H; ++j) a0 = a0 + sot_ld16(w + j * Cp) * b[j];
-                sot_st16(acc + c0, ((a0 + a1) + (a2 + a3)) + sot_ld16(b2p + c0));
-            }
-            float mx = acc[0];
-            for (ptrdiff_t c = 1; c < C; ++c) mx = mx > acc[c] ? mx : acc[c];
-            float s = 0.0f;
-            for (ptrdiff_t c = 0; c < C; ++c) {
-                p[c] = sot_expf(acc[c] - mx);
-                s = c == 0 ? p[c] : s + p[c];
-            }
-            for (ptrdiff_t c = 0; c < C; ++c) {
-                p[c] = p[c] / s;
-                mean[c] = mean[c] + p[c];
-            }
-            pysum = pysum + p[yi];
-        }
-        ptrdiff_t best = 0;
-        for (ptrdiff_t c = 1; c < C; ++c) best = mean[c] > mean[best] ? c : best;
-        ok += best == yi;
-        float pbar = pysum / (float)T;
-        pbar = pbar > 1e-12f ? pbar : 1e-12f;
-        loss -= log((double)pbar);
-        for (ptrdiff_t c = 0; c < Cp; ++c) ssum[c] = 0.0f;
-        for (ptrdiff_t t = 0; t < T; ++t) {
-            float *p = P + (i * T + t) * Cp;
-            const float w = p[yi] / ((float)T * pbar);
-            for (ptrdiff_t c = 0; c < C; ++c) {
-                float g = p[c] * w;
-                if (c == yi) g = g - w;
-                p[c] = g * invn;                       /* p now holds g2 */
-            }
-            for (ptrdiff_t c = C; c < Cp; ++c) p[c] = 0.0f;
-            for (ptrdiff_t c = 0; c < Cp; ++c) {
-                gb2[c] = gb2[c] + p[c];
-                ssum[c] = ssum[c] + p[c];
-            }
-        }
-        /* d loss / d z1 of input i: (sum_t g2) W2^T (4 independent column blocks at a
-         * time, each summed over c in order), times the surrogate. */
-        ptrdiff_t j0 = 0;
-        for (; j0 + 64 <= H; j0 += 64) {
-            sot_v16f v0 = {0}, v1 = {0}, v2 = {0}, v3 = {0};
-            for (ptrdiff_t c = 0; c < C; ++c) {
-                const float *wt = W2T + c * H + j0;
-                v0 = v0 + sot_ld16(wt) * ssum[c];
-                v1 = v1 + sot_ld16(wt + 16) * ssum[c];
-                v2 = v2 + sot_ld16(wt + 32) * ssum[c];
-                v3 = v3 + sot_ld16(wt + 48) * ssum[c];
-            }
-            sot_st16(gh + j0, v0);
-            sot_st16(gh + j0 + 16, v1);
-            sot_st16(gh + j0 + 32, v2);
-            sot_st16(gh + j0 + 48, v3);
-        }
-        for (; j0 < H; ++j0) {
-            float v = 0.0f;
-            for (ptrdiff_t c = 0; c < C; ++c) v = v + W2T[c * H + j0] * ssum[c];
-            gh[j0] = v;
-        }
-        const float *ci = cur + i * H;
-        if (deriv) {
-            const float *di = deriv + i * H;
-            for (ptrdiff_t j = 0; j < H; ++j) bf[j] = di[j];
-        } else {
-            const float inv_scale = 1.0f / scale;
-            for (ptrdiff_t j = 0; j < H; ++j) {
-                const float x = (ci[j] - i50) * inv_scale;
-                const float e = sot_expf(-fabsf(x));
-                const float d = 1.0f + e;
-                bf[j] = kunit * (e / (d * d));
-            }
-        }
-        float *gi = g1 + i * H;
-        for (ptrdiff_t j = 0; j < H; ++j) {
-            gi[j] = gh[j] * bf[j];
-            gb1[j] = gb1[j] + gi[j];
-        }
-    }
-    /* gW2[j] = sum over rows r (in order) of g2_r * bit_rj; 8 rows j at a time
-     * (independent sums, so the adds pipeline). */
-    for (ptrdiff_t c0 = 0; c0 < Cp; c0 += 16) {
-        ptrdiff_t j = 0;
-        for (; j + 8 <= H; j += 8) {
-            sot_v16f v[8];
-            for (int k = 0; k < 8; ++k) v[k] = (sot_v16f){0};
-            for (ptrdiff_t r = 0; r < nr; ++r) {
-                const sot_v16f g = sot_ld16(P + r * Cp + c0);
-                const float *hr = hb + r * H + j;
-                for (int k = 0; k < 8; ++k) v[k] = v[k] + g * hr[k];
-            }
-            for (int k = 0; k < 8; ++k) sot_st16(gW2 + (j + k) * Cp + c0, v[k]);
-        }
-        for (; j < H; ++j) {
-            sot_v16f v = {0};
-            for (ptrdiff_t r = 0; r < nr; ++r) v = v + sot_ld16(P + r * Cp + c0) * hb[r * H + j];
-            sot_st16(gW2 + j * Cp + c0, v);
-        }
-    }
-    *correct = ok;
-    return loss;
-}
-
-/* Content hash of float32 rows (as uint32 bit patterns): see
- * sotcore.estimator._row_keys, which this computes without temporaries. */
-SOT_CLONES
-static void sot_row_hash(const uint32_t *X, ptrdiff_t nrows, ptrdiff_t d, const uint64_t *mult,
-                         uint64_t *out)
-{
-    for (ptrdiff_t i = 0; i < nrows; ++i) {
-        const uint32_t *x = X + i * d;
-        uint64_t h = 0;
-        for (ptrdiff_t j = 0; j < d; ++j) h += (uint64_t)x[j] * mult[j];
-        h ^= h >> 29;
-        h *= 0xBF58476D1CE4E5B9ULL;
-        h ^= h >> 32;
-        out[i] = h;
     }
 }
 
