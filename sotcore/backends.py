@@ -11,13 +11,14 @@ after which the device is reset.  Anything that implements ``n_devices`` and
 ``pulse`` is a backend; subclass :class:`DeviceBackend` to get validation.
 """
 import collections
+from collections import deque
 import threading
 import time
 import typing
 
 import numpy as np
 
-from . import _fused, _io
+from . import _fused, _io, _pulselog
 from ._utils import as_float_array, effective_n_threads, seed_from_random_state
 from .devices import DevicePopulation
 from .exceptions import BackendError, InvalidInputError, SotcoreError
@@ -151,11 +152,18 @@ class DeviceBackend:
         return {"pulse_counts": self.pulse_counts.tolist()}
 
     def set_state(self, state):
-        counts = np.asarray(state["pulse_counts"], dtype=np.int64)
-        if counts.shape != (self.n_devices,):
-            raise ValueError(f"backend state is for {counts.shape[0]} devices, this backend "
-                             f"has {self.n_devices}")
-        self.pulse_counts = counts
+        if not isinstance(state, dict) or not isinstance(state.get("pulse_counts"),
+                                                         (list, np.ndarray)):
+            raise InvalidInputError("backend state has no list field 'pulse_counts'")
+        if len(state["pulse_counts"]) != self.n_devices:
+            raise InvalidInputError(f"backend state is for {len(state['pulse_counts'])} "
+                                    f"devices, this backend has {self.n_devices}")
+        counts = _state_array(state, "pulse_counts", (self.n_devices,), np.float64)
+        if (counts < 0).any() or (counts != np.round(counts)).any() or counts.max(
+                initial=0) >= 2.0 ** 53:
+            raise InvalidInputError("backend state field 'pulse_counts' must hold "
+                                    "non-negative integers")
+        self.pulse_counts = counts.astype(np.int64)
 
 
 class EmulatedBackend(DeviceBackend):
@@ -314,10 +322,14 @@ class EmulatedBackend(DeviceBackend):
         if str(state.get("seed")) != str(self.seed):
             raise ValueError("backend state comes from an emulator with another seed")
         super().set_state(state)
-        self.calls = int(state["calls"])
+        self.calls = _state_int(state, "calls", 0)
         if self.aging is not None:
             # Rebuild the population exactly as it was at the last refresh.
-            aged_at = np.asarray(state["aged_at"], dtype=np.int64)
+            aged_at = _state_array(state, "aged_at", (self.n_devices,), np.float64)
+            if (aged_at < 0).any() or (aged_at != np.round(aged_at)).any():
+                raise InvalidInputError("backend state field 'aged_at' must hold "
+                                        "non-negative integers")
+            aged_at = aged_at.astype(np.int64)
             self.population = self.aging.population_at(self.initial_population, aged_at,
                                                         self._aging_draws)
             self._aged_at = aged_at
@@ -488,8 +500,10 @@ class InstrumentBackend(DeviceBackend):
 
     def set_state(self, state):
         super().set_state(state)
-        self.rows, self.wall_time = int(state["rows"]), float(state["wall_time"])
-        self.calls = int(state.get("calls", 0))
+        self.rows = _state_int(state, "rows", 0)
+        self.wall_time = _io.check_float(state.get("wall_time"), "backend state", "wall_time",
+                                         low=0.0)
+        self.calls = _state_int(state, "calls", 0, default=0)
 
     def _time(self, calls, rows, pulses):
         per = self.pulse_duration + self.read_time + self.reset_time
@@ -515,49 +529,148 @@ class InstrumentBackend(DeviceBackend):
         return self.curves
 
 
+def _state_int(state, key, low=None, default=...):
+    """Integer field ``key`` of a backend state (from a checkpoint file: untrusted)."""
+    if not isinstance(state, dict):
+        raise InvalidInputError(f"backend state must be a dict, got {type(state).__name__}")
+    if key not in state:
+        if default is ...:
+            raise InvalidInputError(f"backend state has no field {key!r}")
+        return default
+    return _io.check_int(state[key], "backend state", key, low=low)
+
+
+def _state_array(state, key, shape, dtype=np.float64):
+    """Array field ``key`` of a backend state, of exactly ``shape``, finite."""
+    if not isinstance(state, dict) or key not in state:
+        raise InvalidInputError(f"backend state has no field {key!r}")
+    try:
+        a = np.asarray(state[key], dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInputError(f"backend state field {key!r} is not a numeric array") from None
+    if a.shape != shape:
+        raise InvalidInputError(f"backend state field {key!r} has shape {a.shape}, this "
+                                f"backend needs {shape}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise InvalidInputError(f"backend state field {key!r} holds non-finite values")
+    return a
+
+
+class _Log(deque):
+    """A RecordingBackend's in-memory log; ``clear()`` clears the backend's log (and
+    starts a new segment on disk), so ``rec.log.clear()`` keeps working."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self._owner = owner
+
+    def clear(self):
+        self._owner.clear()
+
+
 class RecordingBackend(DeviceBackend):
     """Log every request (currents, devices) and answer (bits) of another backend.
 
     ``replay()`` gives a backend that answers the same requests with the same
     bits, bit-exactly; ``records()`` flattens the log into per-pulse records
     ``(device, current, switched)`` for re-calibration.  ``max_records``
-    bounds the log (in pulses; the oldest requests are dropped first).
+    bounds the log in memory (in pulses; the oldest requests are dropped first).
+
+    ``path`` (a directory) also keeps the log on disk, append-only and
+    checksummed (``sotcore/_pulselog.py``): every request is written before
+    its bits are returned, so the log survives the process, and resuming
+    from a checkpoint (``set_state``) rebuilds exactly the log the checkpoint
+    refers to -- the drift workflow that recalibrates from ``records()``
+    every epoch then resumes bit-exactly.  ``clear()`` (or ``log.clear()``)
+    starts a new segment; the disk keeps the current and the previous one.
+    An existing log at ``path`` is continued: give a new run a new path.
+    Without ``path``, a resume in a new process warns that the records taken
+    before the checkpoint are gone.
     """
 
-    def __init__(self, inner, max_records=None):
+    def __init__(self, inner, max_records=None, path=None):
         self.inner = inner
         self.n_devices = inner.n_devices
         self.accepts_repeated_devices = getattr(inner, "accepts_repeated_devices", False)
+        if max_records is not None:
+            max_records = _io.check_int(max_records, "RecordingBackend", "max_records", low=1)
         self.max_records = max_records
-        self.log = collections.deque()
+        self.log = _Log(self)
         self._logged = 0          # pulses in the log
         self._appended = 0        # requests ever logged (log holds the last len(log))
+        self._since_clear = 0     # requests logged since the last clear()
+        self._disk = None if path is None else _pulselog.PulseLog(path, self.n_devices)
+        if self._disk is not None:
+            for rec in self._disk.load_current():   # an existing log is continued
+                self._remember(rec)
         super().__init__()
 
-    def _pulse(self, currents, devices):
-        bits = self.inner.pulse(currents, devices)
-        self.log.append((np.array(currents, copy=True), devices, bits.copy()))
+    def _remember(self, rec):
+        deque.append(self.log, rec)
         self._appended += 1
-        self._logged += currents.size
+        self._since_clear += 1
+        self._logged += rec[0].size
         if self.max_records is not None:
             while self._logged > self.max_records and len(self.log) > 1:
                 self._logged -= self.log.popleft()[0].size
+
+    def _pulse(self, currents, devices):
+        bits = self.inner.pulse(currents, devices)
+        rec = (np.array(currents, copy=True), devices, bits.copy())
+        if self._disk is not None:
+            self._disk.append(rec[0], device_indices(devices), rec[2])
+        self._remember(rec)
         return bits
+
+    def clear(self):
+        """Forget the logged requests (``log.clear()`` does the same); with a ``path``,
+        a new segment starts on disk and the previous one is kept until the next clear."""
+        deque.clear(self.log)
+        self._logged = 0
+        self._since_clear = 0
+        if self._disk is not None:
+            self._disk.clear()
 
     def device_curves(self):
         return self.inner.device_curves()
 
     def get_state(self):
         inner = self.inner.get_state() if hasattr(self.inner, "get_state") else None
-        return {**super().get_state(), "appended": self._appended, "inner": inner}
+        state = {**super().get_state(), "appended": self._appended,
+                 "since_clear": self._since_clear, "inner": inner}
+        if self._disk is not None:
+            self._disk.sync()
+            state["log_segment"] = self._disk.segment
+        return state
 
     def set_state(self, state):
         super().set_state(state)
-        # Drop the requests logged after the state was taken (they are repeated on resume).
-        extra = self._appended - int(state.get("appended", state.get("log_length", 0)))
-        for _ in range(max(0, min(extra, len(self.log)))):
-            self._logged -= self.log.pop()[0].size
-        self._appended -= max(0, extra)
+        appended = _state_int(state, "appended", 0, default=state.get("log_length", 0))
+        since = _state_int(state, "since_clear", 0, default=None)
+        if self._disk is not None and since is not None and "log_segment" in state:
+            # Rebuild exactly the log the state refers to, from disk.
+            seg = _state_int(state, "log_segment", 0)
+            deque.clear(self.log)
+            self._logged = self._since_clear = 0
+            for rec in self._disk.restore(seg, since):
+                self._remember(rec)
+            self._appended = appended
+        else:
+            # Drop the requests logged after the state was taken (repeated on resume).
+            extra = self._appended - appended
+            for _ in range(max(0, min(extra, len(self.log)))):
+                self._logged -= self.log.pop()[0].size
+            self._since_clear = max(0, self._since_clear - max(0, extra))
+            missing = (since or 0) - self._since_clear
+            if missing > 0:
+                import warnings
+                warnings.warn(f"RecordingBackend: the state refers to {since} request(s) "
+                              f"logged since the last clear, this log holds {self._since_clear}"
+                              f": records() will miss {missing} (a recalibration from them "
+                              f"differs from the uninterrupted run). RecordingBackend(inner, "
+                              f"path=...) keeps the log on disk for an exact resume.",
+                              RuntimeWarning, stacklevel=2)
+            self._appended = appended
         if state.get("inner") is not None and hasattr(self.inner, "set_state"):
             self.inner.set_state(state["inner"])
 
@@ -729,8 +842,12 @@ class CompensatedBackend(DeviceBackend):
 
     def set_state(self, state):
         super().set_state(state)
-        self.i50_now = np.asarray(state["i50_now"], dtype=np.float64)
-        self.scale_now = np.asarray(state["scale_now"], dtype=np.float64)
-        self.recalibrations = int(state.get("recalibrations", self.recalibrations))
+        i50 = _state_array(state, "i50_now", (self.n_devices,))
+        scale = _state_array(state, "scale_now", (self.n_devices,))
+        if (scale <= 0).any():
+            raise InvalidInputError("backend state field 'scale_now' must be positive")
+        self.i50_now, self.scale_now = i50, scale
+        self.recalibrations = _state_int(state, "recalibrations", 0,
+                                         default=self.recalibrations)
         if state.get("inner") is not None and hasattr(self.inner, "set_state"):
             self.inner.set_state(state["inner"])
