@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.special import expit
+from sklearn.utils import check_scalar
 
 from . import _kernels
 from . import _io
@@ -88,16 +89,15 @@ def _as_width(width, n):
 
 
 def _check_scalar(x, name, *, low=None, high=None, low_open=False, integer=False):
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+    """``sklearn.utils.check_scalar`` (type and bounds, its messages) plus what it does
+    not check: no bool, finite; returns a plain int or float."""
+    if isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    if integer and not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {x!r}")
+    check_scalar(x, name, numbers.Integral if integer else numbers.Real, min_val=low,
+                 max_val=high, include_boundaries=("both" if not low_open else
+                                                   "neither" if high is None else "right"))
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
-    if low is not None and (x <= low if low_open else x < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {x}")
-    if high is not None and x > high:
-        raise ValueError(f"{name} must be <= {high}, got {x}")
     return int(x) if integer else float(x)
 
 

@@ -292,9 +292,9 @@ def test_bad_dataframe_names_row():
     ({"method": "spline"}, "method must be"),
     ({"levels": "free"}, "levels must be 'fit' or a pair"),
     ({"levels": (0.5, 0.2)}, "p_lo < p_hi"),
-    ({"levels": (0.0, 1.5)}, r"levels\[1\] \(p_hi\) must be <= 1"),
+    ({"levels": (0.0, 1.5)}, r"levels\[1\] \(p_hi\) == 1.5, must be <= 1"),
     ({"confidence": 1.0}, "confidence must be < 1"),
-    ({"min_currents": 2}, "min_currents must be >= 3"),
+    ({"min_currents": 2}, "min_currents == 2, must be >= 3"),
     ({"method": "isotonic", "levels": "fit"}, "levels applies to the parametric models only"),
 ])
 def test_bad_arguments(kwargs, pattern):
@@ -487,8 +487,8 @@ def test_simulate_measurements_protocol(tmp_path):
     ({"pulses": 0}, ValueError, "pulses must be positive"),
     ({"pulses": 2.5}, ValueError, "pulses must be positive whole"),
     ({"pulses": [1, 2]}, ValueError, "pulses must broadcast"),
-    ({"n_points": 2}, ValueError, "n_points must be >= 3"),
-    ({"span": 0.0}, ValueError, "span must be > 0"),
+    ({"n_points": 2}, ValueError, "n_points == 2, must be >= 3"),
+    ({"span": 0.0}, ValueError, "span == 0.0, must be > 0"),
     ({"sweep": "lab"}, ValueError, "sweep must be"),
     ({"currents": np.ones((2, 4))}, ValueError, r"currents must have shape"),
     ({"currents": [1.0, np.nan]}, ValueError, "currents must be finite"),

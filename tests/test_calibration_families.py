@@ -412,9 +412,9 @@ def test_unidentified_families_fall_back():
     ({"model": "probit", "method": "isotonic"}, "disagree"),
     ({"selection": "hqc"}, "selection must be 'aic' or 'bic'"),
     ({"model": "table", "levels": "fit"}, "levels applies to the parametric models only"),
-    ({"tau0": 0.0}, "tau0 must be > 0"),
-    ({"max_error_tolerance": 2.0}, "max_error_tolerance must be <= 1"),
-    ({"table_bins": 2}, "table_bins must be >= 3"),
+    ({"tau0": 0.0}, "tau0 == 0.0, must be > 0"),
+    ({"max_error_tolerance": 2.0}, "max_error_tolerance == 2.0, must be <= 1"),
+    ({"table_bins": 2}, "table_bins == 2, must be >= 3"),
 ])
 def test_bad_model_arguments(kwargs, pattern):
     t = {"device": [0, 0, 0], "current": [1e-3, 2e-3, 3e-3], "pulses": [10] * 3,
