@@ -1,12 +1,13 @@
 """Validation and randomness helpers shared by the package (private)."""
+import math
 import numbers
 
 import numpy as np
-from sklearn.utils import check_random_state
+from sklearn.utils import check_random_state, check_scalar
 
 from . import _kernels
 from ._threads import cpu_count
-from .exceptions import InvalidInputError
+from .exceptions import InvalidInputError, InvalidTypeError
 
 
 #: Largest |n_threads| accepted (the kernels take a C int; more threads than
@@ -125,3 +126,23 @@ def as_per_device(x, name, n, *, positive=False, low=None, high=None):
         i = int(np.argmin(arr <= high))
         raise ValueError(f"{name} must be <= {high}, got {arr[i]} for device {i}")
     return arr.copy()
+
+
+def check_scalar_arg(x, name, *, low=None, high=None, low_open=False, integer=False):
+    """``sklearn.utils.check_scalar`` (type and bounds, its messages) plus what it does
+    not check (no bool, finite); errors are :class:`InvalidInputError` (a ValueError)
+    or, for a wrong type, :class:`InvalidTypeError` (also a TypeError).  Returns a
+    plain int or float."""
+    if isinstance(x, (bool, np.bool_)):
+        raise InvalidTypeError(f"{name} must be a real number, got {type(x).__name__}")
+    try:
+        check_scalar(x, name, numbers.Integral if integer else numbers.Real, min_val=low,
+                     max_val=high, include_boundaries=("both" if not low_open else
+                                                       "neither" if high is None else "right"))
+    except TypeError as exc:
+        raise InvalidTypeError(str(exc)) from None
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+    if not math.isfinite(x):
+        raise InvalidInputError(f"{name} must be finite, got {x}")
+    return int(x) if integer else float(x)

@@ -19,7 +19,6 @@ The scan, per device (:func:`calibrate_backend` has the details):
    device that was not bracketed), plus flags.
 """
 import math
-import numbers
 import warnings
 
 import numpy as np
@@ -27,6 +26,7 @@ import numpy as np
 from .backends import EmulatedBackend, check_bits
 from .calibration import calibrate
 from .devices import WINDOW_PER_SCALE, DevicePopulation
+from ._utils import check_scalar_arg
 from .exceptions import InvalidInputError
 
 __all__ = ["calibrate_backend", "estimate_calibration_pulses", "recalibrate", "DEFAULT_MAX_PULSES",
@@ -53,22 +53,11 @@ STAGES = ("coarse", "expand", "fine", "refine")
 
 
 def _int_arg(value, name, low, high=None):
-    rule = f">= {low}" if high is None else f"in [{low}, {high}]"
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-            or value < low or (high is not None and value > high):
-        raise InvalidInputError(f"{name} must be an integer {rule}, got {value!r}")
-    return int(value)
+    return check_scalar_arg(value, name, low=low, high=high, integer=True)
 
 
 def _real_arg(value, name, *, low=None, low_open=False):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value):
-        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
-    value = float(value)
-    if low is not None and (value <= low if low_open else value < low):
-        raise InvalidInputError(f"{name} must be {'>' if low_open else '>='} {low:g}, "
-                                f"got {value!r}")
-    return value
+    return check_scalar_arg(value, name, low=low, low_open=low_open)
 
 
 def _plan(coarse_points, coarse_pulses, n_points, pulses, max_pulses):

@@ -9,15 +9,14 @@ and its *programming window* (P from 0.1 to 0.9 of the sigmoid part) is
 """
 import copy
 import math
-import numbers
 from pathlib import Path
 
 import numpy as np
 from scipy.special import expit
-from sklearn.utils import check_scalar
 
 from . import _kernels
 from . import _io
+from ._utils import check_scalar_arg as _check_scalar
 from ._utils import (as_float_array, as_per_device, check_counter, effective_n_threads,
                      seed_from_random_state)
 from .exceptions import InvalidInputError
@@ -86,19 +85,6 @@ def _as_width(width, n):
         i = int(np.argmax(bad))
         raise ValueError(f"width must be > 0 (or NaN: unknown), got {w[i]} for device {i}")
     return w
-
-
-def _check_scalar(x, name, *, low=None, high=None, low_open=False, integer=False):
-    """``sklearn.utils.check_scalar`` (type and bounds, its messages) plus what it does
-    not check: no bool, finite; returns a plain int or float."""
-    if isinstance(x, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    check_scalar(x, name, numbers.Integral if integer else numbers.Real, min_val=low,
-                 max_val=high, include_boundaries=("both" if not low_open else
-                                                   "neither" if high is None else "right"))
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return int(x) if integer else float(x)
 
 
 class DevicePopulation:

@@ -5,7 +5,8 @@ standard type keep working; ``BackendError`` and ``TrainingInterrupted``
 are ``RuntimeError`` subclasses for the same reason.
 """
 
-__all__ = ["SotcoreError", "InvalidInputError", "BackendError", "TrainingInterrupted"]
+__all__ = ["SotcoreError", "InvalidInputError", "InvalidTypeError", "BackendError",
+           "TrainingInterrupted"]
 
 
 class SotcoreError(Exception):
@@ -14,6 +15,10 @@ class SotcoreError(Exception):
 
 class InvalidInputError(SotcoreError, ValueError):
     """Bad user input: an argument, a file or a field in it (the message names it)."""
+
+
+class InvalidTypeError(InvalidInputError, TypeError):
+    """An argument of the wrong type: both an ``InvalidInputError`` and a ``TypeError``."""
 
 
 class BackendError(SotcoreError, RuntimeError):

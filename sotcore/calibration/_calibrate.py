@@ -5,7 +5,8 @@ import time
 import numpy as np
 from scipy import stats
 
-from ..devices import DEFAULT_TABLE_POINTS, WINDOW_PER_SCALE, DevicePopulation, _check_scalar
+from ..devices import DEFAULT_TABLE_POINTS, WINDOW_PER_SCALE, DevicePopulation
+from .._utils import check_scalar_arg as _check_scalar
 from .._threads import blas_limit
 from ..exceptions import InvalidInputError
 from . import _families as fam

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..devices import _check_scalar
+from .._utils import check_scalar_arg as _check_scalar
 from ..exceptions import InvalidInputError
 
 __all__ = ["COLUMN_ALIASES", "Measurements", "load_measurements", "gc_paused", "MAX_RAW_PULSES",

@@ -7,7 +7,8 @@ import numpy as np
 from scipy.special import log_expit
 
 from .._utils import as_float_array, as_per_device, seed_from_random_state
-from ..devices import DEFAULT_TABLE_POINTS, WINDOW_PER_SCALE, DevicePopulation, _check_scalar
+from ..devices import DEFAULT_TABLE_POINTS, WINDOW_PER_SCALE, DevicePopulation
+from .._utils import check_scalar_arg as _check_scalar
 from ..exceptions import InvalidInputError
 from . import _families as fam
 from ._measurements import MAX_RAW_PULSES, gc_paused
