@@ -105,11 +105,14 @@ _SAMPLER_ISAS = ("scalar", "avx2", "avx512")
 
 
 def sampler_isa(name=None):
-    """The instruction-set path of the sampler; select another with ``name``.
+    """The instruction-set path of the table sampler and of fused inference;
+    select another with ``name``.
 
     ``name`` is one of ``"scalar"``, ``"avx2"``, ``"avx512"`` (capped at what
     the CPU supports) or ``"best"``.  All paths give identical bits; this is
     for tests and benchmarks.  Not thread-safe.  Returns the path in use.
+    The environment variable ``SOTCORE_ISA`` sets it at import (the optimiser
+    and training-step kernels pick their path by compiler target clones).
     """
     if name is not None:
         if name == "best":
@@ -124,6 +127,29 @@ def sampler_isa(name=None):
 def sampler_isa_max():
     """The best sampler path this CPU supports."""
     return _SAMPLER_ISAS[sot_sampler_isa_max()]
+
+
+def _isa_from_environment(value):
+    """Apply ``SOTCORE_ISA`` (empty: the best path).  A bad value, or a path the
+    CPU lacks, warns and keeps the best path (an import must not fail over it)."""
+    import warnings
+    name = (value or "").strip().lower()
+    if not name:
+        return sampler_isa()
+    if name not in _SAMPLER_ISAS + ("best",):
+        warnings.warn(f"SOTCORE_ISA={value!r} is not one of {_SAMPLER_ISAS} or 'best'; "
+                      f"using the best path, {sampler_isa('best')}", RuntimeWarning,
+                      stacklevel=2)
+        return sampler_isa()
+    got = sampler_isa(name)
+    if name != "best" and got != name:
+        warnings.warn(f"SOTCORE_ISA={name}: this CPU has no {name} path; using {got}",
+                      RuntimeWarning, stacklevel=2)
+    return got
+
+
+import os as _os
+_isa_from_environment(_os.environ.get("SOTCORE_ISA"))
 
 
 def sample_table(

@@ -41,13 +41,18 @@
  *
  * 4. Softmax per sample (sot_softmax_acc: exp by a fixed polynomial, sums in
  *    class order), added in double to the input's accumulator in sample
- *    order; each output row is finally divided by its sum.  The AVX-512 path
- *    buffers the logits of 16 samples and runs the softmax across them, one
- *    sample per lane, with exactly the scalar steps.
+ *    order; each output row is finally divided by its sum.  The AVX-512 (AVX2)
+ *    path buffers the logits of 16 (8) samples and runs the softmax across
+ *    them, one sample per lane, with exactly the scalar steps.
  *
- * The AVX-512 and the portable path do the same IEEE operations in the same
- * order (no FMA contraction), so results are bit-identical on every path,
- * thread count and blocking.
+ * The AVX-512, AVX2 and portable paths do the same IEEE operations in the
+ * same order (no FMA contraction), so results are bit-identical on every
+ * path, thread count and blocking.  The path is the sampler's
+ * (sot_sampler_isa: the best the CPU has, or forced by SOTCORE_ISA /
+ * sotcore._kernels.sampler_isa).  AVX2 has no 64-bit multiply (SplitMix64
+ * takes three 32-bit ones) and no unsigned 16-bit compare (signed, top bit
+ * flipped); measured on the AVX-512 machine, forcing AVX2 costs 9 % at T = 8
+ * and 18 % at T = 32 (bench/ratio.py --isa).
  *
  * Cost on the issue's machine (Sapphire Rapids, 784-500-10): thresholds
  * ~0.5 us per input, ~0.1 us per sample (16 SplitMix64 vectors, 32 compares,
@@ -421,6 +426,265 @@ SOT_AVX512 static void sot_fused_sample_avx512(const sot_fused_model *md, ptrdif
         sot_fused_finish(ad, C, out + i * C);
     }
 }
+
+/* ------------------------------------------------------------------- AVX2 */
+/* The same operations as the scalar path, 8 lanes at a time (CPUs without
+ * AVX-512).  exp: sot_expf's steps per lane, as sot_exp512. */
+SOT_AVX2 static inline __m256 sot_exp256(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    __m256 fx = _mm256_mul_ps(x, _mm256_set1_ps(SOT_EXP_LOG2E));
+    fx = _mm256_sub_ps(_mm256_add_ps(fx, _mm256_set1_ps(SOT_EXP_MAGIC)),
+                       _mm256_set1_ps(SOT_EXP_MAGIC));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(SOT_EXP_C1)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(fx, _mm256_set1_ps(SOT_EXP_C2)));
+    __m256 y = _mm256_set1_ps(SOT_EXP_P0);
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(SOT_EXP_P1));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(SOT_EXP_P2));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(SOT_EXP_P3));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(SOT_EXP_P4));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(SOT_EXP_P5));
+    const __m256 r2 = _mm256_mul_ps(r, r);
+    y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, r2), r), _mm256_set1_ps(1.0f));
+    const __m256i eb = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(eb));
+}
+
+/* 4 devices' thresholds from one 64-bit gather of (t[gc], t[gc+1]) pairs,
+ * packed to 4 x uint32 (as sot_interp8_512). */
+SOT_AVX2 static inline __m128i sot_interp4_256(const long long *tab, __m128i idx, __m128i f,
+                                               __m256i mk)
+{
+    const __m256i pair = _mm256_mask_i32gather_epi64(_mm256_setzero_si256(), tab, idx, mk, 4);
+    const __m256i f64 = _mm256_cvtepu32_epi64(f);
+    const __m256i nf64 = _mm256_sub_epi64(_mm256_set1_epi64x(4096), f64);
+    const __m256i p = _mm256_add_epi64(_mm256_mul_epu32(pair, nf64),
+                                       _mm256_mul_epu32(_mm256_srli_epi64(pair, 32), f64));
+    const __m256i thr = _mm256_permutevar8x32_epi32(_mm256_srli_epi64(p, 12),
+                                                    _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    return _mm256_castsi256_si128(thr);
+}
+
+/* Phase 1 in tiles of 16 devices (two 8-lane halves), as the AVX-512 path.
+ * The grid coordinate goes through a *signed* conversion: tables of more
+ * than 2**19 points take the scalar path (sot_fused_block). */
+SOT_AVX2 static int sot_fused_thresholds_avx2(const sot_fused_model *md, const float *Z,
+                                              ptrdiff_t nrows, uint16_t *thi, uint16_t *tlo)
+{
+    const ptrdiff_t H = md->H, Hp = md->Hp, G = md->G, ldz = md->ldz;
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 smax = _mm256_set1_ps((float)4096 * (float)(G - 1));
+    const __m256i gmax = _mm256_set1_epi32((int)(G - 2));
+    const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i amax = _mm256_setzero_si256();
+    for (ptrdiff_t jt = 0; jt < Hp; jt += 16) {
+        const ptrdiff_t w = H - jt <= 0 ? 0 : (H - jt < 16 ? H - jt : 16);
+        if (w == 0) {
+            for (ptrdiff_t i = 0; i < nrows; ++i) {
+                memset(thi + i * Hp + jt, 0, 16 * sizeof(uint16_t));
+                memset(tlo + i * Hp + jt, 0, 16 * sizeof(uint16_t));
+            }
+            continue;
+        }
+        /* Per half: lane mask, its 64-bit halves, A, B and gather offsets
+         * (below 16 G <= 2**24, from the tile's first table). */
+        __m256i mk[2], mq[4], ofs[2];
+        __m256 va[2], vb[2];
+        for (int hh = 0; hh < 2; ++hh) {
+            const ptrdiff_t wh = w - 8 * hh;
+            mk[hh] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(wh < 0 ? 0 : wh)), lane);
+            mq[2 * hh] = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(mk[hh]));
+            mq[2 * hh + 1] = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(mk[hh], 1));
+            va[hh] = _mm256_maskload_ps(md->A + jt + 8 * hh, mk[hh]);
+            vb[hh] = _mm256_maskload_ps(md->B + jt + 8 * hh, mk[hh]);
+            ofs[hh] = _mm256_mullo_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(8 * hh)),
+                                         _mm256_set1_epi32((int)G));
+        }
+        const long long *tab = (const long long *)(md->table + jt * G);
+        const float *z = Z + jt;
+        for (ptrdiff_t i = 0; i < nrows; ++i, z += ldz) {
+            SOT_PREFETCH(z + SOT_PF_ROWS * ldz);
+            for (int hh = 0; hh < 2; ++hh) {
+                __m256 x = _mm256_maskload_ps(z + 8 * hh, mk[hh]);
+                amax = _mm256_max_epu32(amax, _mm256_and_si256(_mm256_castps_si256(x), absmask));
+                x = _mm256_add_ps(_mm256_mul_ps(x, va[hh]), vb[hh]);
+                x = _mm256_min_ps(_mm256_max_ps(x, zero), smax);
+                const __m256i q = _mm256_cvttps_epi32(x);
+                const __m256i g = _mm256_min_epu32(_mm256_srli_epi32(q, 12), gmax);
+                const __m256i f = _mm256_sub_epi32(q, _mm256_slli_epi32(g, 12));
+                const __m256i idx = _mm256_add_epi32(g, ofs[hh]);
+                const __m128i t0 = sot_interp4_256(tab, _mm256_castsi256_si128(idx),
+                                                   _mm256_castsi256_si128(f), mq[2 * hh]);
+                const __m128i t1 = sot_interp4_256(tab, _mm256_extracti128_si256(idx, 1),
+                                                   _mm256_extracti128_si256(f, 1), mq[2 * hh + 1]);
+                const __m256i thr = _mm256_inserti128_si256(_mm256_castsi128_si256(t0), t1, 1);
+                const __m256i h = _mm256_srli_epi32(thr, 16), l = _mm256_and_si256(thr, lo16);
+                _mm_storeu_si128((__m128i *)(thi + i * Hp + jt + 8 * hh),
+                                 _mm_packus_epi32(_mm256_castsi256_si128(h),
+                                                  _mm256_extracti128_si256(h, 1)));
+                _mm_storeu_si128((__m128i *)(tlo + i * Hp + jt + 8 * hh),
+                                 _mm_packus_epi32(_mm256_castsi256_si128(l),
+                                                  _mm256_extracti128_si256(l, 1)));
+            }
+        }
+    }
+    const __m256i big = _mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x7F7FFFFF));
+    return !_mm256_testz_si256(big, big);
+}
+
+/* Bit k of the result: 16-bit word k of (w0, w1) < th[k]; *eq likewise for ==
+ * (32 devices; unsigned compares as signed ones with the top bit flipped). */
+SOT_AVX2 static inline uint32_t sot_cmp32_avx2(__m256i w0, __m256i w1, const uint16_t *th,
+                                               uint32_t *eq)
+{
+    const __m256i sgn = _mm256_set1_epi16((short)0x8000);
+    const __m256i t0 = _mm256_loadu_si256((const __m256i *)th);
+    const __m256i t1 = _mm256_loadu_si256((const __m256i *)(th + 16));
+    const __m256i lt0 = _mm256_cmpgt_epi16(_mm256_xor_si256(t0, sgn), _mm256_xor_si256(w0, sgn));
+    const __m256i lt1 = _mm256_cmpgt_epi16(_mm256_xor_si256(t1, sgn), _mm256_xor_si256(w1, sgn));
+    /* packs interleaves the 128-bit lanes: words 0-7, 16-23, 8-15, 24-31. */
+    const __m256i e = _mm256_permute4x64_epi64(
+        _mm256_packs_epi16(_mm256_cmpeq_epi16(t0, w0), _mm256_cmpeq_epi16(t1, w1)), 0xD8);
+    *eq = (uint32_t)_mm256_movemask_epi8(e);
+    return (uint32_t)_mm256_movemask_epi8(_mm256_permute4x64_epi64(
+        _mm256_packs_epi16(lt0, lt1), 0xD8));
+}
+
+/* Softmax of the ns (<= 8) logit rows buffered in L (8 x 16 floats), 8
+ * samples per vector op, added in sample order to their rows' accumulators
+ * (accd rows of 16 doubles).  PT: 16 x 8 floats. */
+SOT_AVX2 static inline void sot_softmax8_flush(const float *L, float *PT, int ns,
+                                               const ptrdiff_t *slot_row, ptrdiff_t C,
+                                               double *accd)
+{
+    const __m256i idx = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);
+    __m256 col[16];
+    for (ptrdiff_t c = 0; c < C; ++c) col[c] = _mm256_i32gather_ps(L + c, idx, 4);
+    __m256 mx = col[0];
+    for (ptrdiff_t c = 1; c < C; ++c) mx = _mm256_max_ps(mx, col[c]);
+    __m256 s = _mm256_setzero_ps();
+    for (ptrdiff_t c = 0; c < C; ++c) {
+        col[c] = sot_exp256(_mm256_sub_ps(col[c], mx));
+        s = c == 0 ? col[c] : _mm256_add_ps(s, col[c]);
+    }
+    const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), s);
+    for (ptrdiff_t c = 0; c < C; ++c) _mm256_store_ps(PT + 8 * c, _mm256_mul_ps(col[c], inv));
+    for (int k = 0; k < ns; ++k) {
+        double *ad = accd + 16 * slot_row[k];
+        for (ptrdiff_t c = 0; c < C; ++c) ad[c] += (double)PT[8 * c + k];
+    }
+}
+
+SOT_AVX2 static void sot_fused_sample_avx2(const sot_fused_model *md, ptrdiff_t nrows,
+                                           const uint64_t *rowkeys, const uint16_t *thi,
+                                           const uint16_t *tlo, float *scratch, double *accd,
+                                           double *out)
+{
+    const ptrdiff_t Hp = md->Hp, nb = Hp / 32, Cp = md->Cp, C = md->C;
+    const uint64_t n64 = (uint64_t)Hp / 4;
+    /* Words 0-15 of a block of 32 devices come from lanes 0-3, words 16-31 from 4-7. */
+    const __m256i zstep = _mm256_setr_epi64x(0, (long long)SOT_GAMMA, (long long)(2 * SOT_GAMMA),
+                                             (long long)(3 * SOT_GAMMA));
+    const __m256i z4 = _mm256_set1_epi64x((long long)(4 * SOT_GAMMA));
+    const __m256i z8 = _mm256_set1_epi64x((long long)(8 * SOT_GAMMA));
+    if (Cp == 16) {
+        float *L = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63), *PT = L + 128;
+        ptrdiff_t slot_row[8];
+        int ns = 0;
+        memset(L, 0, 128 * sizeof(float));
+        memset(accd, 0, nrows * 16 * sizeof(double));
+        const __m256 b0 = _mm256_loadu_ps(md->bias), b1 = _mm256_loadu_ps(md->bias + 8);
+        for (ptrdiff_t i = 0; i < nrows; ++i) {
+            const uint16_t *th = thi + i * Hp, *tl = tlo + i * Hp;
+            for (ptrdiff_t t = 0; t < md->T; ++t) {
+                const uint64_t q = rowkeys[i] + (uint64_t)t * SOT_GAMMA;
+                __m256i za = _mm256_add_epi64(zstep, _mm256_set1_epi64x(
+                    (long long)(md->key + (q * n64 + 1) * SOT_GAMMA)));
+                __m256i zb = _mm256_add_epi64(za, z4);
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+                const float *Rb = md->R;
+                for (ptrdiff_t b = 0; b < nb; ++b, Rb += 4 * 256 * 16) {
+                    const __m256i w0 = sot_mix64_256(za), w1 = sot_mix64_256(zb);
+                    za = _mm256_add_epi64(za, z8);
+                    zb = _mm256_add_epi64(zb, z8);
+                    uint32_t eq;
+                    uint32_t m = sot_cmp32_avx2(w0, w1, th + 32 * b, &eq);
+                    if (SOT_UNLIKELY(eq != 0))
+                        m |= sot_fused_low(md->key2, q, Hp, 32 * b, eq, tl);
+                    const float *r0 = Rb + (m & 255u) * 16;
+                    const float *r1 = Rb + (256 + ((m >> 8) & 255u)) * 16;
+                    const float *r2 = Rb + (512 + ((m >> 16) & 255u)) * 16;
+                    const float *r3 = Rb + (768 + (m >> 24)) * 16;
+                    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(r0));
+                    c0 = _mm256_add_ps(c0, _mm256_loadu_ps(r0 + 8));
+                    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(r1));
+                    c1 = _mm256_add_ps(c1, _mm256_loadu_ps(r1 + 8));
+                    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(r2));
+                    c2 = _mm256_add_ps(c2, _mm256_loadu_ps(r2 + 8));
+                    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(r3));
+                    c3 = _mm256_add_ps(c3, _mm256_loadu_ps(r3 + 8));
+                }
+                _mm256_store_ps(L + 16 * ns, _mm256_add_ps(
+                    _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), b0));
+                _mm256_store_ps(L + 16 * ns + 8, _mm256_add_ps(
+                    _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)), b1));
+                slot_row[ns++] = i;
+                if (ns == 8) {
+                    sot_softmax8_flush(L, PT, ns, slot_row, C, accd);
+                    ns = 0;
+                }
+            }
+        }
+        if (ns) sot_softmax8_flush(L, PT, ns, slot_row, C, accd);
+        for (ptrdiff_t i = 0; i < nrows; ++i) sot_fused_finish(accd + 16 * i, C, out + i * C);
+        return;
+    }
+    /* Cp > 16: accumulators in memory, the same operations per lane. */
+    float *acc = scratch, *lg = scratch + 4 * Cp, *e = scratch + 5 * Cp;
+    for (ptrdiff_t i = 0; i < nrows; ++i) {
+        const uint16_t *th = thi + i * Hp, *tl = tlo + i * Hp;
+        double *ad = accd + i * Cp;
+        for (ptrdiff_t c = 0; c < C; ++c) ad[c] = 0.0;
+        for (ptrdiff_t t = 0; t < md->T; ++t) {
+            const uint64_t q = rowkeys[i] + (uint64_t)t * SOT_GAMMA;
+            __m256i za = _mm256_add_epi64(zstep, _mm256_set1_epi64x(
+                (long long)(md->key + (q * n64 + 1) * SOT_GAMMA)));
+            __m256i zb = _mm256_add_epi64(za, z4);
+            memset(acc, 0, 4 * Cp * sizeof(float));
+            for (ptrdiff_t b = 0; b < nb; ++b) {
+                const __m256i w0 = sot_mix64_256(za), w1 = sot_mix64_256(zb);
+                za = _mm256_add_epi64(za, z8);
+                zb = _mm256_add_epi64(zb, z8);
+                uint32_t eq;
+                uint32_t m = sot_cmp32_avx2(w0, w1, th + 32 * b, &eq);
+                if (SOT_UNLIKELY(eq != 0))
+                    m |= sot_fused_low(md->key2, q, Hp, 32 * b, eq, tl);
+                for (int k = 0; k < 4; ++k) {
+                    const float *r = md->R + ((4 * b + k) * 256 + ((m >> (8 * k)) & 255u)) * Cp;
+                    float *a = acc + k * Cp;
+                    for (ptrdiff_t c = 0; c < Cp; c += 8)
+                        _mm256_storeu_ps(a + c, _mm256_add_ps(_mm256_loadu_ps(a + c),
+                                                              _mm256_loadu_ps(r + c)));
+                }
+            }
+            for (ptrdiff_t c = 0; c < Cp; c += 8) {
+                const __m256 s01 = _mm256_add_ps(_mm256_loadu_ps(acc + c),
+                                                 _mm256_loadu_ps(acc + Cp + c));
+                const __m256 s23 = _mm256_add_ps(_mm256_loadu_ps(acc + 2 * Cp + c),
+                                                 _mm256_loadu_ps(acc + 3 * Cp + c));
+                _mm256_storeu_ps(lg + c, _mm256_add_ps(_mm256_add_ps(s01, s23),
+                                                       _mm256_loadu_ps(md->bias + c)));
+            }
+            sot_softmax_acc(lg, C, e, ad);
+        }
+        sot_fused_finish(ad, C, out + i * C);
+    }
+}
 #endif  /* SOT_HAVE_X86_SIMD */
 
 /* One block of rows: thresholds into thi/tlo (nrows x Hp each), then the
@@ -435,6 +699,13 @@ static int sot_fused_block(const sot_fused_model *md, int isa, const float *Z, p
     if (isa == SOT_ISA_AVX512) {
         nonfinite = sot_fused_thresholds_avx512(md, Z, nrows, thi, tlo);
         sot_fused_sample_avx512(md, nrows, rowkeys, thi, tlo, scratch, accd, out);
+        return nonfinite;
+    }
+    if (isa == SOT_ISA_AVX2) {
+        nonfinite = md->G - 1 < ((ptrdiff_t)1 << 19)
+                        ? sot_fused_thresholds_avx2(md, Z, nrows, thi, tlo)
+                        : sot_fused_thresholds_scalar(md, Z, nrows, thi, tlo);
+        sot_fused_sample_avx2(md, nrows, rowkeys, thi, tlo, scratch, accd, out);
         return nonfinite;
     }
 #endif

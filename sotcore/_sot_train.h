@@ -35,8 +35,29 @@
  * T-averaged argmax (first maximum) is y_i.
  * scratch: 3 Cp + n T Cp + 2 H + n T H floats.
  * ========================================================================== */
-/* 16 floats; loads and stores go through memcpy (no alignment assumed). */
+/* 16 floats: GCC/Clang vector extensions, else a struct with the same
+ * per-lane operations (no FMA either way, so the same bits).  Loads and stores
+ * go through memcpy (no alignment assumed). */
+#if defined(__GNUC__) || defined(__clang__)
 typedef float sot_v16f __attribute__((vector_size(64)));
+static inline sot_v16f sot_vzero(void) { return (sot_v16f){0}; }
+static inline sot_v16f sot_vadd(sot_v16f a, sot_v16f b) { return a + b; }
+/* a + x * s, lane by lane */
+static inline sot_v16f sot_vmac(sot_v16f a, sot_v16f x, float s) { return a + x * s; }
+#else
+typedef struct { float v[16]; } sot_v16f;
+static inline sot_v16f sot_vzero(void) { sot_v16f r; memset(&r, 0, sizeof r); return r; }
+static inline sot_v16f sot_vadd(sot_v16f a, sot_v16f b)
+{
+    for (int l = 0; l < 16; ++l) a.v[l] = a.v[l] + b.v[l];
+    return a;
+}
+static inline sot_v16f sot_vmac(sot_v16f a, sot_v16f x, float s)
+{
+    for (int l = 0; l < 16; ++l) a.v[l] = a.v[l] + x.v[l] * s;
+    return a;
+}
+#endif
 
 static inline sot_v16f sot_ld16(const float *p)
 {
@@ -74,16 +95,16 @@ static double sot_train_output_step(
             float *p = P + (i * T + t) * Cp;
             for (ptrdiff_t c0 = 0; c0 < Cp; c0 += 16) {
                 const float *w = W2p + c0;
-                sot_v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                sot_v16f a0 = sot_vzero(), a1 = a0, a2 = a0, a3 = a0;
                 ptrdiff_t j = 0;
                 for (; j + 4 <= H; j += 4) {
-                    a0 = a0 + sot_ld16(w + (j + 0) * Cp) * b[j + 0];
-                    a1 = a1 + sot_ld16(w + (j + 1) * Cp) * b[j + 1];
-                    a2 = a2 + sot_ld16(w + (j + 2) * Cp) * b[j + 2];
-                    a3 = a3 + sot_ld16(w + (j + 3) * Cp) * b[j + 3];
+                    a0 = sot_vmac(a0, sot_ld16(w + (j + 0) * Cp), b[j + 0]);
+                    a1 = sot_vmac(a1, sot_ld16(w + (j + 1) * Cp), b[j + 1]);
+                    a2 = sot_vmac(a2, sot_ld16(w + (j + 2) * Cp), b[j + 2]);
+                    a3 = sot_vmac(a3, sot_ld16(w + (j + 3) * Cp), b[j + 3]);
                 }
-                for (; j < H; ++j) a0 = a0 + sot_ld16(w + j * Cp) * b[j];
-                sot_st16(acc + c0, ((a0 + a1) + (a2 + a3)) + sot_ld16(b2p + c0));
+                for (; j < H; ++j) a0 = sot_vmac(a0, sot_ld16(w + j * Cp), b[j]);
+                sot_st16(acc + c0, sot_vadd(sot_vadd(sot_vadd(a0, a1), sot_vadd(a2, a3)), sot_ld16(b2p + c0)));
             }
             float mx = acc[0];
             for (ptrdiff_t c = 1; c < C; ++c) mx = mx > acc[c] ? mx : acc[c];
@@ -123,13 +144,13 @@ static double sot_train_output_step(
          * time, each summed over c in order), times the surrogate. */
         ptrdiff_t j0 = 0;
         for (; j0 + 64 <= H; j0 += 64) {
-            sot_v16f v0 = {0}, v1 = {0}, v2 = {0}, v3 = {0};
+            sot_v16f v0 = sot_vzero(), v1 = v0, v2 = v0, v3 = v0;
             for (ptrdiff_t c = 0; c < C; ++c) {
                 const float *wt = W2T + c * H + j0;
-                v0 = v0 + sot_ld16(wt) * ssum[c];
-                v1 = v1 + sot_ld16(wt + 16) * ssum[c];
-                v2 = v2 + sot_ld16(wt + 32) * ssum[c];
-                v3 = v3 + sot_ld16(wt + 48) * ssum[c];
+                v0 = sot_vmac(v0, sot_ld16(wt), ssum[c]);
+                v1 = sot_vmac(v1, sot_ld16(wt + 16), ssum[c]);
+                v2 = sot_vmac(v2, sot_ld16(wt + 32), ssum[c]);
+                v3 = sot_vmac(v3, sot_ld16(wt + 48), ssum[c]);
             }
             sot_st16(gh + j0, v0);
             sot_st16(gh + j0 + 16, v1);
@@ -166,17 +187,18 @@ static double sot_train_output_step(
         ptrdiff_t j = 0;
         for (; j + 8 <= H; j += 8) {
             sot_v16f v[8];
-            for (int k = 0; k < 8; ++k) v[k] = (sot_v16f){0};
+            for (int k = 0; k < 8; ++k) v[k] = sot_vzero();
             for (ptrdiff_t r = 0; r < nr; ++r) {
                 const sot_v16f g = sot_ld16(P + r * Cp + c0);
                 const float *hr = hb + r * H + j;
-                for (int k = 0; k < 8; ++k) v[k] = v[k] + g * hr[k];
+                for (int k = 0; k < 8; ++k) v[k] = sot_vmac(v[k], g, hr[k]);
             }
             for (int k = 0; k < 8; ++k) sot_st16(gW2 + (j + k) * Cp + c0, v[k]);
         }
         for (; j < H; ++j) {
-            sot_v16f v = {0};
-            for (ptrdiff_t r = 0; r < nr; ++r) v = v + sot_ld16(P + r * Cp + c0) * hb[r * H + j];
+            sot_v16f v = sot_vzero();
+            for (ptrdiff_t r = 0; r < nr; ++r)
+                v = sot_vmac(v, sot_ld16(P + r * Cp + c0), hb[r * H + j]);
             sot_st16(gW2 + j * Cp + c0, v);
         }
     }

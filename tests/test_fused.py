@@ -185,10 +185,12 @@ def test_fused_property_random_tables_and_extremes(n, H, C, T, G, scale, seed):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
 
 
-def test_thresholds_of_saturated_and_equal_words():
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_thresholds_of_saturated_and_equal_words(isa):
     """thr = 0 never fires; thr = 2**32 - 1 always (but once in 2**32); tables
     constant at a value v fire with probability v / 2**32 -- exercised with
-    v = 65536 th + tl so that the rare second halves decide."""
+    v = 65536 th + tl so that the rare second halves decide (about 9 draws
+    of the 192,000 hit w16 == th)."""
     rng = np.random.default_rng(0)
     H, G, T = 64, 4, 4000
     table = np.zeros((H, G), np.uint32)
@@ -211,6 +213,28 @@ def test_thresholds_of_saturated_and_equal_words():
     out = np.empty((3, H))
     _kernels.fused_predict(Z, A, B, table, R, np.zeros(Cp, np.float32), 1, 2, keys, T, out, 1)
     np.testing.assert_allclose(out, _ref_proba(bits, W2, np.zeros(H)), atol=1e-9)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_fused_tables_beyond_2_19_points(isa):
+    """More than 2**19 grid points: the AVX2 path's signed conversion cannot
+    hold 4096 x, so its thresholds take the scalar path; bits stay exact."""
+    rng = np.random.default_rng(3)
+    H, C, G = 3, 2, (1 << 19) + 40
+    md = _model(H, C, rng, G=G)
+    # A ramp to 2**31 and a last point at 2**32 - 1: a wrong grid coordinate at
+    # the top of the table (clamped inputs, z > 4) changes P from 1 to ~1/2.
+    md["table"][:] = np.linspace(0, 2**31, G).astype(np.uint32)
+    md["table"][:, -1] = 2**32 - 1
+    md["A"][:] = np.float32(4096 * (G - 1) / 8.0)
+    md["B"][:] = np.float32(4096 * (G - 1) / 2.0)
+    Z = (rng.standard_normal((20, H)) * 4).astype(np.float32)
+    keys = rng.integers(0, 2**64, 20, dtype=np.uint64)
+    got, flag = _fused(md, Z, keys, 4)
+    assert not flag
+    ref = _ref_proba(_ref_bits(Z, md["A"], md["B"], md["table"], 7, 3, keys, 4), md["W2"],
+                     md["b2"])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
 
 
 def test_nonfinite_z_is_reported_and_clamped():

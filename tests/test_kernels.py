@@ -10,6 +10,8 @@
 """
 import math
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -382,6 +384,59 @@ def test_sampler_isa_selection():
             _kernels.sampler_isa("sse9")
     finally:
         assert _kernels.sampler_isa("best") == best
+
+
+def test_isa_from_the_environment():
+    """SOTCORE_ISA selects a path; a bad value or a path the CPU lacks warns and
+    keeps the best one (the value is read at import)."""
+    best = _kernels.sampler_isa_max()
+    try:
+        assert _kernels._isa_from_environment(" Scalar ") == "scalar"
+        assert _kernels._isa_from_environment("") == "scalar"     # empty: leaves it
+        with pytest.warns(RuntimeWarning, match="SOTCORE_ISA='sse9' is not one of"):
+            assert _kernels._isa_from_environment("sse9") == best
+        if best != "avx512":
+            with pytest.warns(RuntimeWarning, match="no avx512 path"):
+                _kernels._isa_from_environment("avx512")
+    finally:
+        _kernels.sampler_isa("best")
+
+
+def test_each_isa_forced_by_environment_predicts_the_same_bits(tmp_path):
+    """End to end, in fresh processes: a fitted model's predict_proba (fused
+    inference) and a population's samples are bit-identical whichever path
+    SOTCORE_ISA forces."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, numpy as np, sotcore\n"
+            "from sotcore import _kernels\n"
+            "from sklearn.datasets import load_digits\n"
+            "X, y = load_digits(return_X_y=True)\n"
+            "X = (X / 16).astype(np.float32)\n"
+            "clf = sotcore.SOTClassifier(hidden_layer_sizes=(40,), max_iter=15, n_samples=8,\n"
+            "                            random_state=0).fit(X[:1000], y[:1000])\n"
+            "P = clf.predict_proba(X[1000:1400])\n"
+            "pop = sotcore.DevicePopulation.from_width(20.0, 37, random_state=1)\n"
+            "I = pop.i50 + pop.scale * np.linspace(-4, 4, 200)[:, None]\n"
+            "B = pop.sample(I, random_state=3)\n"
+            "np.savez(sys.argv[1], P=P, B=B, isa=_kernels.sampler_isa())\n")
+    import sotcore
+    root = str(Path(sotcore.__file__).resolve().parent.parent)
+    outs = {}
+    for isa in ISAS:
+        env = dict(os.environ, SOTCORE_ISA=isa, OMP_NUM_THREADS="1")
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        f = tmp_path / f"{isa}.npz"
+        subprocess.run([sys.executable, "-c", code, str(f)], env=env, check=True, timeout=300)
+        with np.load(f) as z:
+            assert str(z["isa"]) == isa
+            outs[isa] = (z["P"], z["B"])
+    P0, B0 = outs[ISAS[0]]
+    assert 0.05 < B0.mean() < 0.95 and P0.max() > 0.5     # a trained model, real bits
+    for P, B in outs.values():
+        np.testing.assert_array_equal(P, P0)
+        np.testing.assert_array_equal(B, B0)
 
 
 # ---------------------------------------------------------------------------
