@@ -13,6 +13,7 @@ stream                 used by
 ``FUSED_STREAM``       keyed draws of the fused inference kernel
 =====================  ==============================================================
 """
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -98,35 +99,38 @@ def fused_predict(X, W1, b1, W2, b2, unit, offset, table, seed, stream, keys, T,
     seed = np.uint64(seed)
     W1 = np.ascontiguousarray(W1, dtype=np.float32)
 
-    def worker(w):
-        # Worker w takes a contiguous range of blocks and owns its buffers; it
-        # runs BLAS and the kernel on one thread, so no two thread pools ever
-        # spin against each other.
-        c0, c1 = nch * w // nw, nch * (w + 1) // nw
-        r0, r1 = c0 * CH, min(c1 * CH, n)
-        if callable(keys):
-            kw = np.ascontiguousarray(keys(X[r0:r1]), dtype=np.uint64)
-            if kw.shape != (r1 - r0,):
-                raise ValueError("row_keys must give one key per row")
-        else:
-            kw = keys[r0:r1]
+    next_block = itertools.count().__next__      # atomic under the GIL
+
+    def worker():
+        # Workers take the next block of rows until none is left, each with its
+        # own buffers, running BLAS and the kernel on one thread, so no two thread
+        # pools spin against each other.  Taking blocks as they come (not a fixed
+        # share) keeps every core busy when one is shared with another process or
+        # with a previous BLAS call's spinning threads; a block's output depends
+        # only on its rows, so the bits do not depend on who computed it.
         xbuf = np.empty((CH, d), np.float32)
         zbuf = np.empty((CH, H), np.float32)
         bad = False
-        for c in range(c0, c1):
+        while (c := next_block()) < nch:
             s, e = c * CH, min((c + 1) * CH, n)
+            if callable(keys):
+                kb = np.ascontiguousarray(keys(X[s:e]), dtype=np.uint64)
+                if kb.shape != (e - s,):
+                    raise ValueError("row_keys must give one key per row")
+            else:
+                kb = keys[s:e]
             Z = first_layer(X, s, e, W1, xbuf, zbuf)
-            bad |= _kernels.fused_predict(Z, A, B, thr, R, bias, seed, stream,
-                                          kw[s - r0:e - r0], T, out[s:e], 1)
+            bad |= _kernels.fused_predict(Z, A, B, thr, R, bias, seed, stream, kb, T,
+                                          out[s:e], 1)
         return bad
 
     with blas_limit(1):
         if nw == 1:
-            bad = worker(0)
+            bad = worker()
         else:
-            # Worker 0 is this thread; the others are helpers (no pool to keep).
+            # One worker is this thread; the others are helpers (no pool to keep).
             with ThreadPoolExecutor(nw - 1) as ex:
-                futures = [ex.submit(worker, w) for w in range(1, nw)]
-                bad = worker(0)
+                futures = [ex.submit(worker) for _ in range(1, nw)]
+                bad = worker()
                 bad = any([f.result() for f in futures]) or bad
     return out, bool(bad)
