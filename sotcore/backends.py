@@ -9,6 +9,10 @@ per (row, device) and return the switched bits::
 (a slice or an integer array).  Each row is one pulse on each named device,
 after which the device is reset.  Anything that implements ``n_devices`` and
 ``pulse`` is a backend; subclass :class:`DeviceBackend` to get validation.
+
+Size: one module for the protocol and every backend (emulator, instrument,
+recording/replay, compensated), as shared/DESIGN.md lays out; they share the
+validation base class and the state helpers, and a user reads them side by side.
 """
 import collections
 from collections import deque

@@ -17,6 +17,9 @@ The scan, per device (:func:`calibrate_backend` has the details):
    window does not match the swept one;
 4. one :func:`sotcore.calibrate` fit of the fine sweeps (of the coarse scan for a
    device that was not bracketed), plus flags.
+
+Size: the scan planner, the four scan stages and the recalibration share
+their per-device state; one job (characterising through a backend) in one place.
 """
 import math
 import warnings

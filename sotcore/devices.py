@@ -6,6 +6,9 @@ A device switches under a current pulse ``I`` (amperes) with probability
 
 and its *programming window* (P from 0.1 to 0.9 of the sigmoid part) is
 ``W = 2 ln(9) * scale``.  See shared/DESIGN.md.
+
+Size: one class, DevicePopulation, with its constructors (from width, tables,
+files), sampling, tables and validation; splitting it would split the class.
 """
 import copy
 import math

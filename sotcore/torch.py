@@ -23,6 +23,9 @@ hil                the device backend              ``surrogate=``             th
 
 Importing :mod:`sotcore` never imports this module (torch is the optional
 extra ``torch``).
+
+Size: the autograd Function, the layer, its device maps, state_dict and
+modes belong together, and the module stays optional (imports torch).
 """
 import json
 import numbers
