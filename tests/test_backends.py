@@ -147,3 +147,33 @@ def test_backend_protocol(pop):
     assert isinstance(InstrumentBackend(lambda c, d: np.zeros(c.shape), 3), sotcore.Backend)
     assert not isinstance(pop, sotcore.Backend)
     assert sotcore.suggest_mapping(pop).unit > 0 and sotcore.DeviceMap
+
+
+def test_subpopulation_cache_is_bounded():
+    """200 distinct device subsets: the emulator keeps at most SUBPOP_CACHE of
+    them (least recently used first out) and memory stays bounded; a cached
+    subset gives the same bits as a fresh one."""
+    import tracemalloc
+    pop = sotcore.DevicePopulation.from_width(20.0, 400, random_state=0)
+    be = EmulatedBackend(pop, random_state=1)
+    rng = np.random.default_rng(2)
+    cur = np.full((2, 300), float(np.median(pop.i50)))
+    be.pulse(cur, rng.choice(400, 300, replace=False))          # warm up
+    tracemalloc.start()
+    try:
+        for _ in range(200):
+            be.pulse(cur, rng.choice(400, 300, replace=False))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(be._subpops) <= be.SUBPOP_CACHE
+    # One sub-population of 300 devices holds ~1.2 MB of tables: 200 would be ~240 MB.
+    assert peak < 60 * 2**20, peak / 2**20
+    keep = np.arange(5, 305)
+    be.pulse(cur, keep)
+    for _ in range(5):                                         # recently used: stays
+        be.pulse(cur, rng.choice(400, 300, replace=False))
+    assert keep.tobytes() in be._subpops
+    a = EmulatedBackend(pop, random_state=1, n_threads=1)
+    a.calls = be.calls
+    np.testing.assert_array_equal(be.pulse(cur, keep), a.pulse(cur, keep))
