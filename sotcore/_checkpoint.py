@@ -92,9 +92,20 @@ def _check_checkpoint_meta(meta, src):
     max_iter = (params or {}).get("max_iter")
     if max_iter is not None:
         max_iter = ci(max_iter, src, "extra.params.max_iter", 1)
-        # fit ends at max_iter; a partial_fit step ends one epoch after it began
-        if end > max(max_iter, epoch + 1):
-            raise bad(f"field 'end_epoch' is {end} but the run has max_iter={max_iter}")
+        hil = params.get("hil_epochs")
+        hil = None if hil is None else ci(hil, src, "extra.params.hil_epochs", 1)
+        # fit ends at max_iter, at hil_epochs (HIL alone) or at max_iter + HIL epochs
+        # after pretraining (SOTClassifier._stages); a partial_fit step ends one epoch
+        # after it began
+        last = max(max_iter, hil or 0)
+        if params.get("pretrain") is not None:
+            last = max_iter + (max_iter if hil is None else hil)
+        if end > max(last, epoch + 1):
+            raise bad(f"field 'end_epoch' is {end} but the run has max_iter={max_iter}"
+                      + (f", hil_epochs={hil}" if hil is not None else "")
+                      + (", pretrain" if params.get("pretrain") is not None else ""))
+    stage = extra.get("stage", 0)
+    ci(stage, src, "extra.stage", 0, 1)
     if "seeds" in extra:
         s = extra["seeds"]
         if not isinstance(s, list) or len(s) != 4:

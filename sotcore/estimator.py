@@ -441,6 +441,9 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             if extra.get("params") != self._checkpoint_params():
                 raise ValueError(f"{resume_from}: checkpoint was written with other estimator "
                                  "parameters; resume with the same parameters")
+            if extra.get("stage", 0) >= len(self._stages(False)):
+                raise InvalidInputError(f"{resume_from}: field 'extra.stage' is "
+                                        f"{extra['stage']} but this fit has one stage")
         for key in ("_train_state", "_network"):
             self.__dict__.pop(key, None)
         with blas_limit(1), _checkpoint_lock(self.checkpoint):
@@ -529,14 +532,20 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         counts0 = self._device_counts()
         emulated_pulses = np.zeros(self.device_map_.n_devices, np.int64)
         stages = self._stages(incremental)
+        resume_stage = 0 if resume is None else (resume["meta"]["extra"] or {}).get("stage", 0)
         for k, (mode, epochs) in enumerate(stages):
+            if k < resume_stage:
+                continue            # finished before the checkpoint was written
             epoch0 = 0 if state is None else state["epoch"]
+            if resume is not None and k > 0:
+                # the stage began ``epochs`` before the end epoch it was given
+                epoch0 = resume["meta"]["end_epoch"] - int(epochs)
             train_backend, surrogate = self._training_setup(mode, epoch0)
             lr = float(self.learning_rate_init)
             if k > 0:
                 # Fine-tuning after pretraining: a fresh optimiser at a lower rate (C5:
                 # continuing the pretraining's Adam at full rate lost 0.7-1.0 points).
-                state = dict(state, optimizer=None)
+                state = None if state is None else dict(state, optimizer=None)
                 lr = float(self.hil_learning_rate) if self.hil_learning_rate is not None \
                     else lr / 10
             config = TrainConfig(
