@@ -20,7 +20,7 @@ hidden ground truth.
 and ``partial_fit``); its checkpoint file format is in ``_checkpoint.py``, the
 optimisers in ``_optim.py``.
 
-Size: ~730 lines; the Trainer (state, loop, stopping rules, failure handling)
+Size: ~720 lines; the Trainer (state, loop, stopping rules, failure handling)
 is one unit, next to the mode setup it trains with (surrogates, mappings).
 """
 import copy
@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 from . import _kernels
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._optim import SGD, Adam
-from .backends import EmulatedBackend
 from .devices import DevicePopulation
 from .exceptions import BackendError, TrainingInterrupted
 from .network import CurrentMapping, StochasticMLP, nominal_derivative
@@ -522,13 +521,22 @@ class Trainer:
 
         An epoch in progress (after :meth:`load_state_dict`) counts as the
         first one.  ``epochs=None`` finishes the run a checkpoint was taken
-        in (up to its ``end_epoch``; nothing if it had stopped).  With early
-        stopping the network ends on the best weights seen.
+        in (up to its ``end_epoch``; nothing if it had stopped); a number of
+        epochs trains them even after a stop.  Calls in a row train exactly as
+        one call of as many epochs, except that with early stopping every
+        call ends on the best weights seen.
 
         Parameters
         ----------
         X : float32 array (n, d); y : int array (n,) of labels in [0, n_classes)
+            The same rows as the state's when it is in an epoch or restored.
         epochs : int or None
+
+        Raises
+        ------
+        ValueError
+            ``X`` has another number of rows than a restored or unfinished
+            epoch's state.
         """
         n, d = X.shape
         if self.n_samples is not None and n != self.n_samples and (self._resumed
@@ -722,11 +730,3 @@ def _backward_hidden(network, cache, g, grads_w, grads_b, nb, T, surrogate, mul_
     grads_b[0] = g.sum(axis=0)
     return g
 
-
-def default_mapping(population):
-    """The trainers' default mapping: one network unit = the nominal scale."""
-    return CurrentMapping.for_nominal(nominal_curve(population)[1])
-
-
-def emulator(population, seed, n_threads=None):
-    return EmulatedBackend(population, random_state=seed, n_threads=n_threads)
