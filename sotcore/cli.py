@@ -375,15 +375,15 @@ def _load_population(path, n_needed, width=None):
 
 
 def run_main_job(args):
-    """The main job: the training modes side by side on one population or instrument."""
+    """The main job: the training modes side by side on one population or instrument
+    (computed by :func:`sotcore.experiments.run_main_job`; printed and saved here)."""
     import json
     from pathlib import Path
 
-    from .backends import EmulatedBackend
-    from .characterize import calibrate_backend
+    from . import experiments
     from .devices import DevicePopulation
-    from .estimator import DEFAULT_WIDTH_UM, SOTClassifier
-    from .experiments import compare_modes, format_table, summarize
+    from .estimator import DEFAULT_WIDTH_UM
+    from .experiments import format_table, summarize
     from .training import SURROGATES, nominal_curve
     surrogates = _csv_list(args.surrogates, str, "--surrogates")
     bad = [x for x in surrogates if x not in SURROGATES]
@@ -420,14 +420,6 @@ def run_main_job(args):
               "to change it")
     if unit is not None:
         params["mapping_unit"] = unit
-
-    def calib(devices, seed):
-        if backend is not None:
-            return measured
-        # Measured through an emulator of the devices by pulse sweeps, then fitted.
-        res = calibrate_backend(EmulatedBackend(devices, random_state=10_000 + seed),
-                                nominal_curve(devices), progress=False)
-        return res.population
     if backend is not None:
         where = f"instrument {args.instrument} ({backend.n_devices} devices)"
     elif population is not None:
@@ -437,32 +429,24 @@ def run_main_job(args):
                  f"{args.variability:.0%}")
     print(f"{PROG}: {name}; hidden layers {list(hidden)}; {where}; {args.seeds} seed(s)")
     if args.dry_run:
-        runs = [("software", "nominal"), ("ex-situ", "nominal"),
-                ("hardware-aware", "nominal")] + [("hil", s) for s in surrogates]
         devices = backend if backend is not None else population if population is not None \
             else float(widths[0])
-        extra = {"nominal_device": nominal} if nominal is not None else {}
-        if backend is not None and nominal is not None:
-            extra["calibration"] = DevicePopulation(np.full(backend.n_devices, nominal[0]),
-                                                    np.full(backend.n_devices, nominal[1]))
-        for mode, sur in runs:
-            est = SOTClassifier(hidden_layer_sizes=hidden, devices=devices, training=mode,
-                                surrogate=sur, **params, **extra)
-            cost = est.estimate_cost(Xtr, n_score=len(Xte))
+        for mode, sur, cost in experiments.estimate_main_job(
+                Xtr, len(Xte), hidden_layer_sizes=hidden, devices=devices,
+                surrogates=surrogates, estimator_params=params, nominal_device=nominal):
             print(f"\n{mode}{' (' + sur + ')' if mode == 'hil' else ''}, per seed:\n{cost}")
         return 0
     measured = _measure(backend, nominal, args) if backend is not None else None
-    records = []
-    for w in widths:
-        recs = compare_modes(Xtr, ytr, Xte, yte, population=population, backend=backend,
-                             width=w if w is not None else 20.0, variability=args.variability,
-                             hidden_layer_sizes=hidden, surrogates=surrogates, n_samples=Ts,
-                             seeds=range(args.seeds), calibration=calib,
-                             estimator_params=params, progress=not args.quiet)
-        records.extend(recs)
+
+    def print_table(w, recs):
         if len(widths) > 1:
             print(f"\nwidth {w} um")
         print(format_table(recs))
+    records = experiments.run_main_job(
+        Xtr, ytr, Xte, yte, hidden_layer_sizes=hidden, widths=widths,
+        variability=args.variability, population=population, backend=backend,
+        calibration=measured, surrogates=surrogates, n_samples=Ts, seeds=range(args.seeds),
+        estimator_params=params, progress=not args.quiet, on_width=print_table)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(

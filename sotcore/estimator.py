@@ -23,8 +23,8 @@ from .backends import EmulatedBackend
 from .devices import DevicePopulation
 from .exceptions import InvalidInputError
 from .network import CurrentMapping, DeviceMap, layer_slices
-from .training import (MODES, SURROGATES, make_surrogate, nominal_curve, suggest_mapping,
-                       train_network)
+from .training import (MODES, SURROGATES, TrainConfig, Trainer, make_surrogate, nominal_curve,
+                       suggest_mapping)
 
 __all__ = ["SOTClassifier", "CostEstimate"]
 
@@ -441,6 +441,9 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             if extra.get("params") != self._checkpoint_params():
                 raise ValueError(f"{resume_from}: checkpoint was written with other estimator "
                                  "parameters; resume with the same parameters")
+            if extra.get("stage", 0) >= len(self._stages(False)):
+                raise InvalidInputError(f"{resume_from}: field 'extra.stage' is "
+                                        f"{extra['stage']} but this fit has one stage")
         for key in ("_train_state", "_network"):
             self.__dict__.pop(key, None)
         with blas_limit(1), _checkpoint_lock(self.checkpoint):
@@ -516,6 +519,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                                               random_state=int(self._seeds[2]) % 2**32,
                                               stratify=stratify)
             validation = (Xv, yv)
+        # The run so far, continued by this call: a Trainer's network, optimiser,
+        # epoch count and history (partial_fit), or the loaded model's weights.
         state = getattr(self, "_train_state", None) if not first else None
         if state is None and not first:
             # After load(): continue from the loaded weights with a fresh optimiser.
@@ -527,49 +532,58 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         counts0 = self._device_counts()
         emulated_pulses = np.zeros(self.device_map_.n_devices, np.int64)
         stages = self._stages(incremental)
+        resume_stage = 0 if resume is None else (resume["meta"]["extra"] or {}).get("stage", 0)
         for k, (mode, epochs) in enumerate(stages):
-            rng_seed = int(self._seeds[3]) + (0 if state is None else state["epoch"])
-            train_backend, surrogate = self._training_setup(mode, state)
+            if k < resume_stage:
+                continue            # finished before the checkpoint was written
+            epoch0 = 0 if state is None else state["epoch"]
+            if resume is not None and k > 0:
+                # the stage began ``epochs`` before the end epoch it was given
+                epoch0 = resume["meta"]["end_epoch"] - int(epochs)
+            train_backend, surrogate = self._training_setup(mode, epoch0)
             lr = float(self.learning_rate_init)
             if k > 0:
                 # Fine-tuning after pretraining: a fresh optimiser at a lower rate (C5:
                 # continuing the pretraining's Adam at full rate lost 0.7-1.0 points).
-                state = dict(state, optimizer=None)
+                state = None if state is None else dict(state, optimizer=None)
                 lr = float(self.hil_learning_rate) if self.hil_learning_rate is not None \
                     else lr / 10
-            result, optimizer = train_network(
-                Xt, yt, n_classes, hidden_layer_sizes=hidden, backend=train_backend,
-                surrogate=surrogate, mapping=self.mapping_,
+            config = TrainConfig(
+                solver=self.solver, learning_rate=lr, momentum=float(self.momentum),
+                beta1=float(self.beta_1), beta2=float(self.beta_2), eps=float(self.epsilon),
+                nesterov=bool(self.nesterovs_momentum), batch_size=self._batch(len(Xt)),
+                train_samples=int(self.train_samples), alpha=float(self.alpha),
+                shuffle=bool(self.shuffle), early_stopping=self.early_stopping and not incremental,
+                loss_stopping=not incremental, n_iter_no_change=int(self.n_iter_no_change),
+                tol=float(self.tol))
+            trainer = Trainer(
+                [X.shape[1], *hidden, n_classes] if state is None else state["network"],
+                backend=train_backend, surrogate=surrogate, config=config,
+                mapping=self.mapping_,
                 hidden_bias=(i50n - self.mapping_.offset) / self.mapping_.unit,
-                device_map=self.device_map_,
-                train_samples=int(self.train_samples), max_iter=int(epochs),
-                batch_size=self._batch(len(Xt)), shuffle=bool(self.shuffle),
-                optimizer_params={"beta1": float(self.beta_1), "beta2": float(self.beta_2),
-                                  "eps": float(self.epsilon),
-                                  "nesterov": bool(self.nesterovs_momentum)},
-                learning_rate=lr, alpha=float(self.alpha),
-                solver=self.solver, momentum=float(self.momentum),
-                validation=validation, early_stopping=self.early_stopping and not incremental,
-                n_iter_no_change=int(self.n_iter_no_change), tol=float(self.tol),
-                loss_stopping=not incremental,
+                device_map=self.device_map_, validation=validation,
                 eval_fn=lambda net, Xv, mode=mode: self._proba(net, Xv, progress=False,
                                                                target=_VALIDATE_ON[mode]),
-                random_state=rng_seed, verbose=bool(self.verbose),
-                progress=self._show_progress() and mode == "hil",
                 callbacks=tuple(self.callbacks or ()),
-                network=None if state is None else state["network"],
-                optimizer=None if state is None else state["optimizer"],
-                start_epoch=0 if state is None else state["epoch"],
-                history=None if state is None else state["history"],
                 checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
-                resume=resume if k == 0 else None,
                 extra_meta={"seeds": [int(v) for v in self._seeds],
-                            "params": self._checkpoint_params(), "stage": k})
+                            "params": self._checkpoint_params(), "stage": k},
+                verbose=bool(self.verbose), progress=self._show_progress() and mode == "hil",
+                random_state=int(self._seeds[3]) + epoch0,
+                optimizer=None if state is None else state["optimizer"], epoch=epoch0,
+                history=None if state is None else state["history"])
+            if resume is not None:
+                # Finish the interrupted run (its own end epoch), bit-exactly.
+                trainer.load_state_dict(resume)
+                result = trainer.fit(Xt, yt)
+            else:
+                result = trainer.fit(Xt, yt, int(epochs))
             resume = None
             if mode == "hil" and self._user_backend is None:
                 emulated_pulses += train_backend.pulse_counts
-            state = {"network": result.network, "optimizer": optimizer,
-                     "epoch": result.n_iter, "history": result.history}
+            optimizer = trainer.optimizer
+            state = {"network": trainer.network, "optimizer": optimizer,
+                     "epoch": trainer.epoch, "history": trainer.history}
             self.best_loss_ = result.best_loss
             if result.stopped_early and not incremental:
                 break
@@ -625,11 +639,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             return np.array(b.pulse_counts, dtype=np.int64, copy=True)
         return np.zeros(self.device_map_.n_devices, np.int64)
 
-    def _training_setup(self, mode, state=None):
-        """(forward backend, surrogate) for a training mode."""
+    def _training_setup(self, mode, epoch=0):
+        """(forward backend, surrogate) for a training mode, from epoch ``epoch`` on."""
         i50n, sn = self._nominal
         # A fresh device stream per (partial_)fit call, reproducible from random_state.
-        seed = int(self._seeds[1]) + (state["epoch"] if state else 0)
+        seed = int(self._seeds[1]) + int(epoch)
         index = self.device_map_.index
         if mode in ("software", "ex-situ"):
             return (EmulatedBackend(self._nominal_pop, seed, self.n_threads),

@@ -3,6 +3,8 @@
 Every mode sees the same data, the same device population and the same seeds.
 ``software`` and ``ex-situ`` share one training run: ex-situ *is* the software
 run's weights evaluated on the devices (training is identical by construction).
+:func:`run_main_job` is the computation of ``sotcore-eval``'s main job (the
+CLI only parses, loads, prints and saves).
 """
 import time
 
@@ -13,8 +15,8 @@ from .devices import DevicePopulation
 from .estimator import SOTClassifier
 from .training import MODES
 
-__all__ = ["compare_modes", "summarize", "format_table", "RUN_LABELS", "backend_from_factory",
-           "measured_calibration"]
+__all__ = ["compare_modes", "run_main_job", "estimate_main_job", "main_job_runs", "summarize",
+           "format_table", "RUN_LABELS", "backend_from_factory", "measured_calibration"]
 
 RUN_LABELS = {"software": "software", "ex-situ": "ex-situ", "hardware-aware": "hardware-aware",
               ("hil", "nominal"): "hil (nominal)", ("hil", "calibrated"): "hil (calibrated)",
@@ -62,6 +64,15 @@ def measured_calibration(devices, seed, nominal=None, progress=False, **kw):
                              "(i50, scale)")
         nominal = nominal_curve(curves)
     return calibrate_backend(backend, tuple(nominal), progress=progress, **kw).population
+
+
+def main_job_runs(modes=MODES, surrogates=("nominal",)):
+    """The (mode, surrogate) runs of :func:`compare_modes`, in order: the offline
+    modes on the nominal surrogate, then one HIL run per surrogate."""
+    runs = [(m, "nominal") for m in ("software", "ex-situ", "hardware-aware") if m in modes]
+    if "hil" in modes:
+        runs.extend(("hil", s) for s in surrogates)
+    return runs
 
 
 def compare_modes(X_train, y_train, X_test, y_test, *, population=None, backend=None,
@@ -113,9 +124,7 @@ def compare_modes(X_train, y_train, X_test, y_test, *, population=None, backend=
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
-    runs = [(m, "nominal") for m in ("software", "ex-situ", "hardware-aware") if m in modes]
-    if "hil" in modes:
-        runs.extend(("hil", s) for s in surrogates)
+    runs = main_job_runs(modes, surrogates)
     records = []
     bar = tqdm(total=len(runs) * len(seeds), desc="training runs", disable=not progress,
                unit="run")
@@ -205,3 +214,81 @@ def format_table(records):
     n = max(s["n"] for s in summ)
     lines.append(f"test accuracy in %, mean ± std over {n} seed(s)")
     return "\n".join(lines)
+
+
+def run_main_job(X_train, y_train, X_test, y_test, *, hidden_layer_sizes, widths=(20.0,),
+                 variability=0.10, population=None, backend=None, calibration=None,
+                 surrogates=("nominal",), n_samples=(1, 8, 32), seeds=(0,),
+                 estimator_params=None, progress=True, on_width=None):
+    """The main job (``sotcore-eval``): every training mode side by side.
+
+    One :func:`compare_modes` per device width -- populations drawn per seed
+    at ``variability`` -- or a single one on ``population`` or ``backend``.
+
+    Parameters
+    ----------
+    widths : sequence of float
+        Device widths (um); ignored with ``population`` or ``backend``.
+    calibration : DevicePopulation, callable or None
+        The devices' measured curves; default :func:`measured_calibration`
+        of each seed's devices (pulse sweeps, never the emulator's truth).
+    on_width : callable ``f(width, records)`` or None
+        Called after each width's runs (``width`` None on ``population`` or
+        ``backend``), e.g. to print its table while the next one trains.
+    hidden_layer_sizes, variability, population, backend, surrogates, n_samples, seeds,
+    estimator_params, progress
+        As :func:`compare_modes`.
+
+    Returns
+    -------
+    list of dict
+        The records of every width, as :func:`compare_modes` returns them.
+    """
+    if calibration is None:
+        def calibration(devices, seed):
+            return measured_calibration(devices, seed)
+    passes = [None] if population is not None or backend is not None else list(widths)
+    records = []
+    for w in passes:
+        recs = compare_modes(X_train, y_train, X_test, y_test, population=population,
+                             backend=backend, width=w if w is not None else 20.0,
+                             variability=variability, hidden_layer_sizes=hidden_layer_sizes,
+                             surrogates=surrogates, n_samples=n_samples, seeds=seeds,
+                             calibration=calibration, estimator_params=estimator_params,
+                             progress=progress)
+        records.extend(recs)
+        if on_width is not None:
+            on_width(w, recs)
+    return records
+
+
+def estimate_main_job(X_train, n_score, *, hidden_layer_sizes, devices, surrogates=("nominal",),
+                      estimator_params=None, nominal_device=None):
+    """What one seed of :func:`run_main_job` would cost, per run, without a pulse.
+
+    Parameters
+    ----------
+    devices : float, DevicePopulation or device backend
+        As ``SOTClassifier(devices=)``.
+    n_score : int
+        Test rows scored after training.
+    nominal_device : (i50, scale) or None
+        A first guess of the nominal device (a backend that does not describe
+        its devices); on a backend it also stands in for the calibration.
+
+    Returns
+    -------
+    list of (mode, surrogate, CostEstimate)
+    """
+    extra = {"nominal_device": nominal_device} if nominal_device is not None else {}
+    if hasattr(devices, "pulse") and nominal_device is not None:
+        n = devices.n_devices
+        extra["calibration"] = DevicePopulation(np.full(n, nominal_device[0]),
+                                                np.full(n, nominal_device[1]))
+    out = []
+    for mode, sur in main_job_runs(MODES, surrogates):
+        est = SOTClassifier(hidden_layer_sizes=hidden_layer_sizes, devices=devices,
+                            training=mode, surrogate=sur, **dict(estimator_params or {}),
+                            **extra)
+        out.append((mode, sur, est.estimate_cost(X_train, n_score=n_score)))
+    return out

@@ -581,7 +581,7 @@ def fit(model, X, y, *, epochs=10, batch_size=100, lr=3e-3, alpha=1e-4, random_s
 
     Adam (``lr``), minibatches of ``batch_size`` in a fresh permutation per
     epoch, L2 ``alpha / batch`` on the weights (parameters with >= 2
-    dimensions; not on biases), as :func:`sotcore.training.train_network`.
+    dimensions; not on biases), as :class:`sotcore.training.Trainer`.
 
     Returns
     -------

@@ -187,6 +187,27 @@ def test_main_job_small(tmp_path, capsys):
     assert (tmp_path / "out" / "accuracy_vs_T.png").stat().st_size > 1000
 
 
+def test_main_job_is_computed_by_experiments_without_printing(capsys):
+    from sotcore.datasets import load_digits
+    from sotcore.experiments import estimate_main_job, run_main_job
+    X, y = load_digits()
+    seen = []
+    records = run_main_job(X[:200], y[:200], X[200:300], y[200:300], hidden_layer_sizes=(8,),
+                           widths=(10.0, 20.0), surrogates=("nominal", "calibrated"),
+                           n_samples=(2,), seeds=range(1), progress=False,
+                           estimator_params={"max_iter": 1},
+                           on_width=lambda w, recs: seen.append((w, len(recs))))
+    assert capsys.readouterr().out == ""
+    assert seen == [(10.0, 5), (20.0, 5)] and len(records) == 10
+    assert [r["width"] for r in records] == [10.0] * 5 + [20.0] * 5
+    assert [r["run"] for r in records[:5]] == ["software", "ex-situ", "hardware-aware",
+                                               "hil (nominal)", "hil (calibrated)"]
+    costs = estimate_main_job(X[:200], 100, hidden_layer_sizes=(8,), devices=20.0,
+                              surrogates=("nominal",), estimator_params={"max_iter": 1})
+    assert [(m, s) for m, s, _ in costs] == [("software", "nominal"), ("ex-situ", "nominal"),
+                                             ("hardware-aware", "nominal"), ("hil", "nominal")]
+
+
 @pytest.mark.parametrize("argv, code, text", [
     (["--surrogates", "magic"], 2, "unknown surrogate"),
     (["--samples", "a,b"], 2, "comma-separated"),

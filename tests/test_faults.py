@@ -91,6 +91,30 @@ def test_resume_with_pulse_log(tmp_path):
         np.testing.assert_array_equal(c1, c2)
 
 
+@pytest.mark.parametrize("fail_call", [3, 17, 24])
+@pytest.mark.parametrize("hil_epochs", [2, None])
+def test_resume_in_the_hil_stage_after_pretraining(tmp_path, fail_call, hil_epochs):
+    """A failure while fine-tuning after pretraining resumes in that stage, bit-exactly
+    (it used to be refused: the end epoch is beyond max_iter)."""
+    X, y = _data()
+    pop = sotcore.DevicePopulation.from_width(20.0, 20, random_state=1)
+    kw = dict(KW, max_iter=2, pretrain="hardware-aware", hil_epochs=hil_epochs,
+              calibration=pop)
+    clean = sotcore.SOTClassifier(devices=FlakyBackend(EmulatedBackend(pop, 9)), **kw).fit(X, y)
+    ck = tmp_path / "run.ckpt.npz"
+    flaky = FlakyBackend(EmulatedBackend(pop, 9), fail_on={fail_call})
+    with pytest.raises(TrainingInterrupted):
+        sotcore.SOTClassifier(devices=flaky, checkpoint=ck, **kw).fit(X, y)
+    assert load_checkpoint(ck)["meta"]["extra"]["stage"] == 1     # pretraining was done
+    fresh = FlakyBackend(EmulatedBackend(pop, 9))
+    resumed = sotcore.SOTClassifier(devices=fresh, checkpoint=ck, **kw).fit(
+        X, y, resume_from=ck)
+    for a, b in zip(clean.coefs_ + clean.intercepts_, resumed.coefs_ + resumed.intercepts_):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.loss_curve_ == clean.loss_curve_ and resumed.n_iter_ == clean.n_iter_ == 4
+    np.testing.assert_array_equal(resumed.pulses_, clean.pulses_)
+
+
 def test_resume_requires_same_parameters(tmp_path):
     X, y = _data()
     ck = tmp_path / "c.npz"

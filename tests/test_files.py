@@ -463,6 +463,9 @@ def _set(key, value):
     (_set("n_best", 1), None, "n_best"),
     (_set("best_score", float("nan")), None, "best_score"),
     (lambda m: m["extra"].__setitem__("seeds", [2**70, 0, 0, 0]), None, "seeds"),
+    (lambda m: m["extra"].__setitem__("stage", 2), None, "extra.stage"),
+    (lambda m: m["extra"].__setitem__("stage", "1"), None, "extra.stage"),
+    (lambda m: m["extra"]["params"].__setitem__("hil_epochs", 0), None, "hil_epochs"),
     (lambda m: m.pop("history"), None, "history"),
     (None, lambda z: z["coef_0"].__setitem__((0, 0), np.nan), "NaN"),
     (None, lambda z: z.__setitem__("coef_0", z["coef_0"][:-1]), "shape"),
@@ -478,6 +481,12 @@ def test_checkpoint_fields_are_validated(ckpt, tmp_path, meta_fn, arr_fn, match)
     with pytest.raises(InvalidInputError, match=match) as ei:
         load_checkpoint(bad)
     assert "bad.npz" in str(ei.value)
+
+
+def test_checkpoint_of_a_stage_the_fit_does_not_have_is_refused(ckpt, tmp_path):
+    bad = _edit_ckpt(ckpt[0], tmp_path / "bad.npz", lambda m: m["extra"].__setitem__("stage", 1))
+    with pytest.raises(InvalidInputError, match=r"bad.npz: field 'extra.stage' is 1"):
+        SOTClassifier(devices=20.0, **FAST).fit(ckpt[1], ckpt[2], resume_from=bad)
 
 
 def test_checkpoint_checksum_and_resume_after_validation(ckpt, tmp_path):

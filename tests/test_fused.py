@@ -618,7 +618,7 @@ def test_fast_training_step_matches_numpy_path(T, kind, global_random_seed):
     fast = _fast_step_buffers(net, np.zeros((1, 9), np.float32), n, T)
     gw, gb = [None, None], [None, None]
     loss_sum, ok, g1 = _fast_output_step(fast, net, bits, cur, y, T, sur, slice(0, H), gw, gb)
-    # the NumPy path of train_network
+    # the NumPy path of Trainer.fit
     h = bits.astype(np.float32)
     probs = softmax(h @ net.coefs[1] + net.intercepts[1]).reshape(n, T, C)
     loss, g = _mixture_grad(probs, y)

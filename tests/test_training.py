@@ -7,8 +7,9 @@ from sotcore.backends import EmulatedBackend
 from sotcore.datasets import load_digits
 from sotcore.estimator import SOTClassifier
 from sotcore.network import CurrentMapping, StochasticMLP, nominal_derivative, softmax
-from sotcore.training import (SGD, Adam, _mixture_grad, make_surrogate, nominal_curve,
-                              nominal_population, train_network)
+from sotcore.training import (SGD, Adam, TrainConfig, Trainer, TrainingInterrupted,
+                              _mixture_grad, load_checkpoint, make_surrogate, nominal_curve,
+                              nominal_population, save_checkpoint)
 
 
 def test_mixture_grad_matches_finite_differences():
@@ -147,11 +148,10 @@ def test_callbacks_and_early_stopping():
     pop = sotcore.DevicePopulation.from_width(20.0, 16, random_state=0)
     i50, s = nominal_curve(pop)
     m = CurrentMapping.for_nominal(s)
-    res, _ = train_network(Xtr, ytr, 10, hidden_layer_sizes=(16,),
-                           backend=EmulatedBackend(pop, 0),
-                           surrogate=make_surrogate("nominal", m, i50, s), mapping=m,
-                           hidden_bias=i50 / s, max_iter=50, random_state=0,
-                           callbacks=[lambda e, info, net: seen.append(info) or e >= 3])
+    res = Trainer([64, 16, 10], backend=EmulatedBackend(pop, 0),
+                  surrogate=make_surrogate("nominal", m, i50, s), mapping=m,
+                  hidden_bias=i50 / s, random_state=0,
+                  callbacks=[lambda e, info, net: seen.append(info) or e >= 3]).fit(Xtr, ytr, 50)
     assert res.n_iter == 3 and len(seen) == 3 and res.stopped_early
     assert seen[-1]["loss"] < seen[0]["loss"]
     clf = SOTClassifier(hidden_layer_sizes=(16,), devices=20.0, early_stopping=True,
@@ -244,3 +244,110 @@ def test_blas_limits_are_restored_after_concurrent_predictions():
     assert blas() == before
     clf.fit(X, y)
     assert blas() == before
+
+
+# ---- Trainer: one object for fit, continuation, state_dict and resume ----------------------
+def _trainer(backend, hidden=(16,), random_state=0, network=None, **kw):
+    """A Trainer on digits through ``backend`` (20 devices' curves, nominal surrogate)."""
+    i50, s = nominal_curve(_POP)
+    m = CurrentMapping.for_nominal(s)
+    return Trainer(network or [64, *hidden, 10], backend=backend, mapping=m, hidden_bias=i50 / s,
+                   surrogate=make_surrogate("nominal", m, i50, s), random_state=random_state,
+                   config=TrainConfig(batch_size=64, train_samples=2, learning_rate=1e-2), **kw)
+
+
+_POP = sotcore.DevicePopulation.from_width(20.0, 20, random_state=1)
+
+
+def _weights(trainer):
+    return trainer.network.coefs + trainer.network.intercepts
+
+
+def _assert_same_run(a, b):
+    for wa, wb in zip(_weights(a), _weights(b)):
+        np.testing.assert_array_equal(wa, wb)
+    np.testing.assert_array_equal(a.optimizer.m[0], b.optimizer.m[0])
+    assert a.history["loss"] == b.history["loss"] and a.epoch == b.epoch
+
+
+@pytest.mark.parametrize("hidden", [(16,), (12, 8)])
+def test_trainer_fit_continues_where_it_stopped(hidden):
+    Xtr, Xte, ytr, yte = _digits()
+    whole = _trainer(EmulatedBackend(_POP, 9), hidden)
+    whole.fit(Xtr, ytr, 4)
+    steps = _trainer(EmulatedBackend(_POP, 9), hidden)
+    first = [w.copy() for w in _weights(steps)]
+    res = steps.fit(Xtr, ytr, 2)
+    assert res.n_iter == 2 and len(res.history["loss"]) == 2
+    assert not np.array_equal(_weights(steps)[0], _weights(whole)[0])
+    res = steps.fit(Xtr, ytr, 2)
+    assert res.n_iter == 4 and not np.array_equal(first[0], _weights(steps)[0])
+    _assert_same_run(steps, whole)
+    # what continuing means: a new trainer with the same weights and optimiser but a fresh
+    # generator and device stream is another run
+    other = _trainer(EmulatedBackend(_POP, 9), hidden)
+    other.fit(Xtr, ytr, 2)
+    again = _trainer(EmulatedBackend(_POP, 9), hidden, network=other.network,
+                     optimizer=other.optimizer, epoch=other.epoch, history=other.history)
+    again.fit(Xtr, ytr, 2)
+    assert not np.array_equal(_weights(again)[0], _weights(whole)[0])
+
+
+@pytest.mark.parametrize("hidden", [(16,), (12, 8)])
+def test_trainer_state_dict_mid_epoch_resumes_bit_exactly(tmp_path, hidden):
+    from test_faults import FlakyBackend
+    Xtr, Xte, ytr, yte = _digits()
+    clean = _trainer(FlakyBackend(EmulatedBackend(_POP, 9)), hidden)
+    clean.fit(Xtr, ytr, 3)
+    # the instrument fails in the middle of epoch 2 (20 batches per epoch)
+    ck = tmp_path / "t.ckpt.npz"
+    broken = _trainer(FlakyBackend(EmulatedBackend(_POP, 9), fail_on={(len(hidden) * 27)}),
+                      hidden, checkpoint=ck)
+    with pytest.raises(TrainingInterrupted):
+        broken.fit(Xtr, ytr, 3)
+    state = broken.state_dict()
+    assert state["meta"]["epoch"] == 1 and 0 < state["meta"]["batch_start"] < len(Xtr)
+    assert len(state["order"]) == len(Xtr)
+    # a new trainer (other seed: other initial weights and orders) on a new backend object
+    for restored in (state, load_checkpoint(ck)):
+        resumed = _trainer(FlakyBackend(EmulatedBackend(_POP, 9)), hidden, random_state=7)
+        resumed.load_state_dict(restored)
+        res = resumed.fit(Xtr, ytr)                   # finishes the interrupted run
+        assert res.n_iter == 3
+        _assert_same_run(resumed, clean)
+    # without the state the new trainer is another run
+    fresh = _trainer(FlakyBackend(EmulatedBackend(_POP, 9)), hidden, random_state=7)
+    fresh.fit(Xtr, ytr, 3)
+    assert not np.array_equal(_weights(fresh)[0], _weights(clean)[0])
+
+
+def test_trainer_state_dict_is_a_copy_and_goes_through_a_checkpoint_file(tmp_path):
+    Xtr, Xte, ytr, yte = _digits()
+    whole = _trainer(EmulatedBackend(_POP, 9))
+    whole.fit(Xtr, ytr, 4)
+    a = _trainer(EmulatedBackend(_POP, 9))
+    a.fit(Xtr, ytr, 2)
+    state = a.state_dict()
+    a.fit(Xtr, ytr, 1)                                # does not change the state taken
+    save_checkpoint(tmp_path / "c.npz", state)
+    b = _trainer(EmulatedBackend(_POP, 9), random_state=3)
+    b.load_state_dict(load_checkpoint(tmp_path / "c.npz"))
+    b.fit(Xtr, ytr, 2)
+    _assert_same_run(b, whole)
+
+
+def test_trainer_load_state_dict_rejects_another_run():
+    Xtr, Xte, ytr, yte = _digits()
+    small = _trainer(EmulatedBackend(_POP, 9), (8,))
+    small.fit(Xtr[:200], ytr[:200], 1)
+    with pytest.raises(ValueError, match=r"layer sizes \[64, 8, 10\], this run has "
+                                         r"\[64, 16, 10\]"):
+        _trainer(EmulatedBackend(_POP, 9)).load_state_dict(small.state_dict())
+    with pytest.raises(ValueError, match="taken on 200 training samples, this run has 100"):
+        fitted = _trainer(EmulatedBackend(_POP, 9), (8,))
+        fitted.fit(Xtr[:100], ytr[:100], 1)
+        fitted.load_state_dict(small.state_dict())
+    loaded = _trainer(EmulatedBackend(_POP, 9), (8,))
+    loaded.load_state_dict(small.state_dict())
+    with pytest.raises(ValueError, match="taken on 200 training samples, this run has 300"):
+        loaded.fit(Xtr[:300], ytr[:300], 1)
