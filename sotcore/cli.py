@@ -14,6 +14,10 @@
 Mistakes in the user's input (missing files, bad options, bad data) print
 one line ``sotcore-eval: error: ...`` on stderr and exit with status 2 (bad
 usage) or 1 (bad data or files), never a traceback.
+
+Size: argparse definitions of five subcommands with help for every option,
+and their printing; the computation lives in experiments.py, sweep.py and
+the calibration package.
 """
 import argparse
 import math
@@ -21,9 +25,12 @@ import os
 import sys
 import warnings
 
+from pathlib import Path
+
 import numpy as np
 
 from .exceptions import BackendError, TrainingInterrupted
+from .training import MODES, SURROGATES
 
 PROG = "sotcore-eval"
 
@@ -92,7 +99,8 @@ def build_parser():
     _add_lab_options(job)
     job.add_argument("--dry-run", action="store_true",
                      help="print each run's pulses per device and hardware time, send no pulse")
-    job.add_argument("--out", metavar="DIR", help="write results.json and PNG figures here")
+    job.add_argument("--out", metavar="DIR", help="directory for results.json and the PNG "
+                     "figures (created if missing; default: print only)")
     job.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -100,16 +108,23 @@ def build_parser():
                         description="Train one network on the data and devices, report its "
                         "test accuracy and save the model (JSON + .npz).")
     _add_data_options(tr)
-    tr.add_argument("-o", "--output", metavar="MODEL.json", required=True)
-    tr.add_argument("--training", choices=("software", "ex-situ", "hardware-aware", "hil"),
-                    default="hil")
-    tr.add_argument("--surrogate", choices=("nominal", "calibrated", "straight-through"),
-                    default="nominal")
-    tr.add_argument("--width", type=_number(float, low=0, low_open=True), default=20.0)
-    tr.add_argument("--variability", type=_number(float, low=0, high=5), default=0.10)
-    tr.add_argument("--devices", metavar="DEVICES.json")
-    tr.add_argument("--samples", type=_number(int, low=1), default=32, help="T at inference")
-    tr.add_argument("--seed", type=_number(int, low=0), default=0)
+    tr.add_argument("-o", "--output", metavar="MODEL.json", required=True,
+                    help="model file to write (JSON, with its weights beside it)")
+    tr.add_argument("--training", choices=MODES, default="hil",
+                    help="training mode (default hil)")
+    tr.add_argument("--surrogate", choices=SURROGATES, default="nominal",
+                    help="HIL backward surrogate (default nominal)")
+    tr.add_argument("--width", type=_number(float, low=0, low_open=True), default=20.0,
+                    metavar="UM", help="device width in um of the emulated population "
+                    "(default 20)")
+    tr.add_argument("--variability", type=_number(float, low=0, high=5), default=0.10,
+                    help="device-to-device variability (default 0.10)")
+    tr.add_argument("--devices", metavar="DEVICES.json",
+                    help="a (calibrated) population file to use instead of the width model")
+    tr.add_argument("--samples", type=_number(int, low=1), default=32, metavar="T",
+                    help="samples per input at inference (default 32)")
+    tr.add_argument("--seed", type=_number(int, low=0), default=0,
+                    help="random seed of the run (default 0)")
     _add_lab_options(tr)
     tr.add_argument("--checkpoint", metavar="FILE", help="write training checkpoints here")
     tr.add_argument("--resume", metavar="FILE", help="continue the run in this checkpoint")
@@ -119,18 +134,26 @@ def build_parser():
     sw = sub.add_parser("sweep", help="widths x variability x modes x seeds, on joblib or Dask",
                         description="Run a sweep; each finished task is appended to the "
                         "results file, so an interrupted sweep resumes where it stopped.")
-    sw.add_argument("--out", metavar="RESULTS.jsonl", required=True)
+    sw.add_argument("--out", metavar="DIR", required=True,
+                    help="directory of the sweep (created if missing); records are appended "
+                    "to DIR/results.jsonl, so rerunning resumes")
     sw.add_argument("--data", metavar="DIR", help="MNIST IDX directory (default: digits)")
     sw.add_argument("--widths", type=_number(float, low=0, low_open=True), nargs="+",
-                    default=[5.0, 10.0, 20.0, 40.0], metavar="UM")
+                    default=[5.0, 10.0, 20.0, 40.0], metavar="UM",
+                    help="device widths in um (default 5 10 20 40)")
     sw.add_argument("--variabilities", type=_number(float, low=0, high=5), nargs="+",
-                    default=[0.05, 0.10, 0.20], metavar="V")
+                    default=[0.05, 0.10, 0.20], metavar="V",
+                    help="device-to-device variabilities (default 0.05 0.10 0.20)")
     sw.add_argument("--runs", nargs="+", default=["software", "hardware-aware", "hil:nominal"],
                     metavar="RUN", help="software, hardware-aware, hil:nominal, "
-                    "hil:straight-through (software also yields ex-situ)")
-    sw.add_argument("--seeds", type=_number(int, low=1), default=3)
-    sw.add_argument("--hidden", type=_number(int, low=1), nargs="+", default=None)
-    sw.add_argument("--epochs", type=_number(int, low=1), default=None)
+                    "hil:straight-through (software also yields ex-situ; default software "
+                    "hardware-aware hil:nominal)")
+    sw.add_argument("--seeds", type=_number(int, low=1), default=3,
+                    help="number of seeds (default 3)")
+    sw.add_argument("--hidden", type=_number(int, low=1), nargs="+", default=None, metavar="H",
+                    help="hidden layer sizes (default 200 on digits, 500 on MNIST)")
+    sw.add_argument("--epochs", type=_number(int, low=1), default=None,
+                    help="training epochs (default 30)")
     sw.add_argument("--instrument", metavar="MODULE:FACTORY",
                     help="run every task on your own device backend (see the main job's "
                     "--instrument); widths and variabilities then do not apply")
@@ -138,10 +161,11 @@ def build_parser():
                     help="with --instrument: first guess of the devices' curve (amperes)")
     sw.add_argument("--backend", choices=("joblib", "dask"), default="joblib",
                     help="where the tasks run (default joblib on this machine)")
-    sw.add_argument("--n-jobs", type=_number(int, low=1), default=1, help="joblib workers")
+    sw.add_argument("--n-jobs", type=_number(int, low=1), default=1,
+                    help="joblib worker processes (default 1)")
     sw.add_argument("--scheduler", metavar="ADDRESS",
                     help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
-    sw.add_argument("--quiet", action="store_true")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
     sw.set_defaults(handler=_run_sweep)
 
     cal = sub.add_parser(
@@ -178,8 +202,8 @@ def build_parser():
     cal.add_argument("--skip-invalid", action="store_true",
                      help="skip devices with fewer than 3 distinct currents (reported) "
                      "instead of stopping")
-    cal.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                     help="never show a progress bar")
+    cal.add_argument("--quiet", "--no-progress", dest="progress", action="store_false",
+                     default=None, help="no progress bars (--no-progress: its former name)")
     cal.set_defaults(handler=_run_calibrate)
 
     sim = sub.add_parser(
@@ -228,6 +252,7 @@ def build_parser():
                      help="random seed (default: fresh randomness)")
     sim.add_argument("--truth", metavar="DEVICES.json",
                      help="also write the simulated (true) population here")
+    sim.add_argument("--quiet", action="store_true", help="print nothing but errors")
     sim.set_defaults(handler=_run_simulate)
     return parser
 
@@ -550,7 +575,8 @@ def _run_sweep(args):
     tasks = sweep_tasks(args.widths, args.variabilities, args.runs, range(args.seeds),
                         dataset=dataset, hidden=args.hidden or preset["hidden"],
                         estimator_params=params, instrument=args.instrument, nominal=nominal)
-    recs = run_sweep(tasks, args.out, backend=args.backend, n_jobs=args.n_jobs,
+    out = _sweep_results_path(args.out)
+    recs = run_sweep(tasks, out, backend=args.backend, n_jobs=args.n_jobs,
                      scheduler=args.scheduler, progress=not args.quiet)
     if args.instrument:
         print(f"\ninstrument {args.instrument}")
@@ -561,8 +587,21 @@ def _run_sweep(args):
             if sel:
                 print(f"\nwidth {w} um, variability {v:.0%}")
                 print(format_table(sel))
-    print(f"{PROG}: {len(recs)} records in {args.out}")
+    print(f"{PROG}: {len(recs)} records in {out}")
     return 0
+
+
+def _sweep_results_path(out):
+    """DIR/results.jsonl for ``sweep --out DIR`` (the directory is made if missing)."""
+    out = Path(out)
+    if out.suffix == ".jsonl" or out.is_file():
+        raise _UsageError(f"--out is a directory (the records go to DIR/results.jsonl), got "
+                          f"the file name {str(out)!r}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _UsageError(f"--out: cannot create directory {out}: {exc.strerror}") from None
+    return out / "results.jsonl"
 
 
 def _check_writable(*paths):
@@ -646,12 +685,13 @@ def _run_simulate(args):
                                   random_state=None if args.seed is None else args.seed + 1,
                                   path=args.output)
     n_rows = table["device"].shape[0]
-    print(f"wrote {args.output}: {n_rows:,} rows, {len(pop)} devices x {args.n_points} "
+    say = (lambda *a: None) if args.quiet else print
+    say(f"wrote {args.output}: {n_rows:,} rows, {len(pop)} devices x {args.n_points} "
           f"currents x {args.pulses} pulses ({'per-pulse rows' if args.raw else 'counts'}); "
           f"{how}")
     if args.truth is not None:
         pop.save(args.truth)
-        print(f"wrote {args.truth} (the true population)")
+        say(f"wrote {args.truth} (the true population)")
     return 0
 
 

@@ -1,4 +1,10 @@
-"""SOTClassifier: a scikit-learn classifier whose hidden neurons are SOT devices."""
+"""SOTClassifier: a scikit-learn classifier whose hidden neurons are SOT devices.
+
+Size: SOTClassifier's scikit-learn surface (parameters and their validation,
+fit/partial_fit/predict, save/load with every field checked, cost estimates)
+is one class; its training loop, checkpoints and optimisers already live in
+training.py, _checkpoint.py and _optim.py.
+"""
 import contextlib
 import hashlib
 import json

@@ -214,7 +214,8 @@ def test_main_job_is_computed_by_experiments_without_printing(capsys):
     (["--data", "/nonexistent/dir"], 1, "not found"),
     (["--devices", "/nonexistent.json"], 1, "not found"),
     (["--seeds", "0"], 2, ">= 1"),
-    (["sweep", "--out", "x.jsonl", "--backend", "dask"], 2, "--scheduler"),
+    (["sweep", "--out", "x", "--backend", "dask"], 2, "--scheduler"),
+    (["sweep", "--out", "x.jsonl"], 2, "--out is a directory"),
     (["train"], 2, "required"),
 ])
 def test_main_job_user_errors(argv, code, text, capsys):
@@ -242,9 +243,57 @@ def test_train_subcommand_and_devices_file(tmp_path, capsys):
 
 def test_sweep_subcommand(tmp_path, capsys):
     from sotcore.cli import main
-    out = tmp_path / "s.jsonl"
-    assert main(["sweep", "--out", str(out), "--widths", "10", "20", "--variabilities", "0.1",
-                 "--runs", "software", "--seeds", "1", "--hidden", "16", "--epochs", "2",
-                 "--quiet"]) == 0
+    out = tmp_path / "new" / "sweep" / "results.jsonl"
+    assert main(["sweep", "--out", str(out.parent), "--widths", "10", "20", "--variabilities",
+                 "0.1", "--runs", "software", "--seeds", "1", "--hidden", "16", "--epochs",
+                 "2", "--quiet"]) == 0
     assert "width 10.0 um" in capsys.readouterr().out
     assert len(out.read_text().splitlines()) == 2 * 2 * 3
+
+
+def _options(parser):
+    """(subcommand, action) for every option of the CLI."""
+    import argparse
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                yield from ((name, b) for _, b in _options(sub))
+        elif a.option_strings:
+            yield "main", a
+
+
+def test_every_option_has_help_and_names_its_default():
+    """--help documents every option, and an option with a default says which."""
+    import argparse
+    from sotcore.cli import build_parser
+    missing, no_default = [], []
+    for cmd, a in _options(build_parser()):
+        if isinstance(a, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        name = f"{cmd} {a.option_strings[-1]}"
+        if not a.help:
+            missing.append(name)
+        elif a.default not in (None, False) and "default" not in a.help:
+            no_default.append(name)
+    assert not missing, f"options without --help text: {missing}"
+    assert not no_default, f"options whose help does not give the default: {no_default}"
+
+
+def test_quiet_everywhere_and_out_is_a_directory():
+    from sotcore.cli import build_parser
+    by_cmd = {}
+    for cmd, a in _options(build_parser()):
+        by_cmd.setdefault(cmd, set()).update(a.option_strings)
+    for cmd, opts in by_cmd.items():
+        assert "--quiet" in opts, f"{cmd} has no --quiet"
+    for cmd, a in _options(build_parser()):
+        if "--out" in a.option_strings:
+            assert a.metavar == "DIR", f"{cmd} --out is not a directory"
+
+
+def test_simulate_quiet_prints_nothing(tmp_path, capsys):
+    from sotcore.cli import main
+    assert main(["simulate", "-o", str(tmp_path / "m.csv"), "--n-devices", "3", "--seed", "1",
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "m.csv").stat().st_size > 0

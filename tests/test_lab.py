@@ -535,15 +535,15 @@ def test_cli_width_study_holds_the_mapping(capsys):
 def test_cli_sweep_on_an_instrument(tmp_path, capsys, monkeypatch):
     from sotcore.cli import main
     monkeypatch.syspath_prepend(os.path.dirname(__file__))
-    out = tmp_path / "s.jsonl"
-    assert main(["sweep", "--out", str(out), "--instrument", "test_lab:make_backend",
+    out = tmp_path / "results.jsonl"
+    assert main(["sweep", "--out", str(tmp_path), "--instrument", "test_lab:make_backend",
                  "--nominal", "2e-3,7e-5", "--runs", "software", "hil:calibrated",
                  "--seeds", "1", "--hidden", "16", "--epochs", "2", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "instrument test_lab:make_backend" in text and "hil (calibrated)" in text
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["mode"] for r in recs} == {"software", "ex-situ", "hil"}
-    assert main(["sweep", "--out", str(out), "--instrument", "test_lab:make_backend",
+    assert main(["sweep", "--out", str(tmp_path), "--instrument", "test_lab:make_backend",
                  "--n-jobs", "2"]) == 2
 
 
