@@ -21,8 +21,7 @@ import numpy as np
 from . import _kernels
 from ._threads import blas_limit
 
-#: Rows of every first-layer BLAS call at inference (the last block zero-padded):
-#: a fixed call shape gives each row the same arithmetic in any batch.
+#: Rows per block of inference (first layer, then the devices and the output layer).
 FIRST_LAYER_ROWS = 256
 
 #: Keyed inference pulses of layer ``l`` use stream ``KEYED_BASE + l``.
@@ -45,18 +44,18 @@ def aligned_empty(shape, dtype, align=64):
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
-def first_layer(X, s, e, W1, xbuf, zbuf):
-    """``X[s:e] @ W1`` (no bias) into ``zbuf[:e - s]`` by one BLAS call of
-    ``FIRST_LAYER_ROWS`` rows; ``xbuf`` pads a partial or non-C-ordered block."""
+def first_layer(X, s, e, W1p, xbuf, zbuf):
+    """``X[s:e] @ W1`` (no bias) into ``zbuf[:e - s]`` by the compiled first layer
+    (``_kernels.first_layer``: a row's sums depend only on that row, zeros of the
+    input skipped); ``W1p``: ``_kernels.first_layer_panels(W1)``; ``xbuf`` holds
+    a block that is not float32 C-ordered."""
     k = e - s
-    if k == FIRST_LAYER_ROWS and X.dtype == np.float32 and X.flags.c_contiguous:
+    if X.dtype == np.float32 and X.flags.c_contiguous:
         xb = X[s:e]
     else:
-        xbuf[:k] = X[s:e]
-        xbuf[k:] = 0.0
-        xb = xbuf
-    with np.errstate(invalid="ignore", over="ignore"):   # non-finite results are reported
-        np.matmul(xb, W1, out=zbuf)
+        xb = xbuf[:k]
+        xb[...] = X[s:e]
+    _kernels.first_layer(xb, W1p, zbuf[:k])
     return zbuf[:k]
 
 
@@ -73,7 +72,8 @@ def fused_predict(X, W1, b1, W2, b2, unit, offset, table, seed, stream, keys, T,
     ``table`` = ``(grid_lo, grid_hi, thresholds)`` of the hidden neurons' devices
     (one row per neuron, see ``DevicePopulation.table``).  ``keys``: uint64 per
     row of X, or a callable giving the keys of a block of rows.  Per block of
-    ``FIRST_LAYER_ROWS`` inputs the first layer runs in BLAS, then one compiled
+    ``FIRST_LAYER_ROWS`` inputs the compiled first layer (``_sot_first.h``: the
+    inputs' zeros skipped) computes the currents, then one compiled
     kernel thresholds each (input, neuron) once, draws all T samples and
     accumulates the output layer from subset sums (``_sot_infer.h``).
     Returns ``(probabilities (n, C) float64, nonfinite)``.
@@ -97,7 +97,7 @@ def fused_predict(X, W1, b1, W2, b2, unit, offset, table, seed, stream, keys, T,
     nch = -(-n // CH)
     nw = max(1, min(n_threads, nch))
     seed = np.uint64(seed)
-    W1 = np.ascontiguousarray(W1, dtype=np.float32)
+    W1 = _kernels.first_layer_panels(W1)
 
     next_block = itertools.count().__next__      # atomic under the GIL
 

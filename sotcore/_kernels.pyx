@@ -274,7 +274,50 @@ def binary_matvec(const uint8_t[:, ::1] bits, const float[:, ::1] W,
 # Fused kernels (_sot_infer.h, _sot_optim.h, _sot_train.h): multi-sample inference of a network with one
 # hidden layer of devices, optimiser steps, the nominal surrogate, row hashes.
 from cython.parallel cimport parallel
-from libc.stdint cimport uint16_t, int64_t
+from libc.stdint cimport uint16_t, int32_t, int64_t
+
+cdef extern from "_sot_first.h" nogil:
+    void sot_first_layer(int isa, const float *X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
+                         const float *W, Py_ssize_t H, float *Z, Py_ssize_t ldz, int32_t *ks)
+    Py_ssize_t sot_first_scratch(Py_ssize_t n, Py_ssize_t d)
+
+
+def first_layer(const float[:, ::1] X, const float[:, :, ::1] Wp, float[:, ::1] Z):
+    """``Z = X @ W`` row by row: over k ascending, one fused multiply-add per term,
+    zeros of X skipped (``_sot_first.h``); ``Wp`` is ``W`` in panels of 64
+    columns (``first_layer_panels``).  A row's result depends only on that row
+    (never on the batch, the blocking, the thread or the CPU path)."""
+    cdef Py_ssize_t n = X.shape[0], d = X.shape[1], H = Z.shape[1]
+    if Wp.shape[1] != d or Wp.shape[2] != 64:
+        raise ValueError(f"Wp must have shape (chunks, {d}, 64), got ({Wp.shape[0]}, {Wp.shape[1]}, {Wp.shape[2]})")
+    if Z.shape[0] != n or Wp.shape[0] != (H + 63) // 64:
+        raise ValueError(f"Z must have shape ({n}, H) with H <= 64 x {Wp.shape[0]} "
+                         f"(and > 64 x {Wp.shape[0] - 1})")
+    if n == 0 or H == 0:
+        return
+    if d == 0:
+        Z[:, :] = 0
+        return
+    cdef int isa = sot_sampler_isa()     # resolved with the GIL held
+    cdef int32_t *ks = <int32_t *> malloc(sot_first_scratch(n, d) * sizeof(int32_t))
+    if ks == NULL:
+        raise MemoryError("first_layer: out of memory")
+    with nogil:
+        sot_first_layer(isa, &X[0, 0], d, n, d, &Wp[0, 0, 0], H, &Z[0, 0], H, ks)
+    free(ks)
+
+
+def first_layer_panels(W):
+    """``W`` (d x H) as the panels ``first_layer`` reads: ceil(H/64) x d x 64
+    float32, zero-padded."""
+    import numpy as np
+    W = np.asarray(W, dtype=np.float32)
+    d, H = W.shape
+    nc = (H + 63) // 64
+    Wp = np.zeros((d, nc * 64), np.float32)
+    Wp[:, :H] = W
+    return np.ascontiguousarray(Wp.reshape(d, nc, 64).transpose(1, 0, 2))
+
 
 cdef extern from "_sot_infer.h" nogil:
     ctypedef struct sot_fused_model:

@@ -318,11 +318,11 @@ class StochasticMLP:
           pulses per layer (through the device map) and the compiled binary
           mat-vec on the bits; ``progress`` shows a bar with an ETA.
 
-        The first layer is always computed in BLAS calls of exactly
-        ``FIRST_LAYER_ROWS`` rows (zero-padded) with BLAS limited to one
-        thread, so a row's currents -- and with ``row_keys`` its
-        predictions -- never depend on the batch, its order or the thread
-        counts.  With ``row_keys`` (one uint64 per row of X, or a callable
+        The first layer is computed by the compiled kernel
+        ``_kernels.first_layer`` (one fused multiply-add per term, the
+        input's zeros skipped), row by row in law, so a row's currents -- and
+        with ``row_keys`` its predictions -- never depend on the batch, its
+        order, the thread count or the CPU path.  With ``row_keys`` (one uint64 per row of X, or a callable
         on a block of rows) and an emulated backend, each input's noise
         depends only on its key.  Memory is bounded by the blocks.
         """
@@ -352,7 +352,7 @@ class StochasticMLP:
         CH = FIRST_LAYER_ROWS
         xbuf = np.empty((CH, d), np.float32)
         zbuf = np.empty((CH, self.layer_sizes[1]), np.float32)
-        W1 = np.ascontiguousarray(self.coefs[0], dtype=np.float32)
+        W1 = _kernels.first_layer_panels(self.coefs[0])
         bar = tqdm(total=n, desc="predict", unit="row", disable=not progress, leave=False)
         with blas_limit(1):
             for s in range(0, n, batch_size):

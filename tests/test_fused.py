@@ -670,3 +670,76 @@ def test_training_fast_path_tracks_the_general_path():
         training._fast_step_buffers = real
     np.testing.assert_allclose(a.loss_curve_, b.loss_curve_, rtol=0.05)
     assert abs(a.score(Xte, yte) - b.score(Xte, yte)) < 0.05
+
+
+# ---------------------------------------------------------------------------
+# The first layer (``_sot_first.h``): one FMA per term, k ascending, zeros skipped
+def _first(X, W, isa=None):
+    Z = np.full((X.shape[0], W.shape[1]), np.nan, np.float32)
+    if isa is not None:
+        _kernels.sampler_isa(isa)
+    try:
+        _kernels.first_layer(np.ascontiguousarray(X, np.float32),
+                             _kernels.first_layer_panels(W), Z)
+    finally:
+        _kernels.sampler_isa("best")
+    return Z
+
+
+@pytest.mark.parametrize("n, d, H, density", [
+    (1, 1, 1, 1.0), (7, 5, 17, 0.5), (13, 130, 65, 0.2), (6, 784, 500, 0.19), (40, 64, 64, 0.0),
+    (257, 200, 129, 1.0), (9, 3, 300, 0.7)])
+def test_first_layer_matches_float64_and_is_identical_on_every_path(n, d, H, density,
+                                                                    global_random_seed):
+    rng = np.random.default_rng(global_random_seed)
+    X = (rng.random((n, d)) * (rng.random((n, d)) < density)).astype(np.float32)
+    X[n // 2] = 0.0                                    # an all-zero row
+    W = rng.standard_normal((d, H)).astype(np.float32)
+    ref = X.astype(np.float64) @ W.astype(np.float64)
+    outs = [_first(X, W, isa) for isa in ISAS]
+    for Z in outs:
+        np.testing.assert_array_equal(Z, outs[0])
+    # float32 sums of |terms| <= d: error bound ~ d * 2**-24 * sum |x w|
+    bound = (np.abs(X).astype(np.float64) @ np.abs(W).astype(np.float64)) * d * 2.0**-23 + 1e-30
+    assert np.all(np.abs(outs[0] - ref) <= bound)
+    assert np.all(outs[0][n // 2] == 0) and not np.signbit(outs[0][n // 2]).any()
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_first_layer_row_alone_equals_row_in_block(isa):
+    """A row's sums never depend on its block-mates: each row alone, in a block
+    with dense or empty neighbours and at every position gives the same bits."""
+    rng = np.random.default_rng(5)
+    d, H = 300, 90
+    W = rng.standard_normal((d, H)).astype(np.float32)
+    X = (rng.random((23, d)) * (rng.random((23, d)) < 0.15)).astype(np.float32)
+    X[3] = rng.random(d)                               # a dense neighbour
+    Wp = _kernels.first_layer_panels(W)
+    whole = np.empty((23, H), np.float32)
+    _kernels.first_layer(X, Wp, whole)
+    for i in range(23):
+        alone = np.empty((1, H), np.float32)
+        _kernels.first_layer(X[i:i + 1], Wp, alone)
+        np.testing.assert_array_equal(alone[0], whole[i])
+    perm = rng.permutation(23)
+    shuffled = np.empty((23, H), np.float32)
+    _kernels.first_layer(np.ascontiguousarray(X[perm]), Wp, shuffled)
+    np.testing.assert_array_equal(shuffled, whole[perm])
+
+
+def test_first_layer_rejects_bad_shapes():
+    W = np.ones((5, 70), np.float32)
+    Wp = _kernels.first_layer_panels(W)
+    X = np.ones((3, 5), np.float32)
+    with pytest.raises(ValueError, match="Wp must have shape"):
+        _kernels.first_layer(np.ones((3, 6), np.float32), Wp, np.empty((3, 70), np.float32))
+    with pytest.raises(ValueError, match="Z must have shape"):
+        _kernels.first_layer(X, Wp, np.empty((4, 70), np.float32))
+    with pytest.raises(ValueError, match="Z must have shape"):
+        _kernels.first_layer(X, Wp, np.empty((3, 129), np.float32))
+    Z = np.empty((3, 64), np.float32)                  # 2 panels hold 65..128 columns
+    with pytest.raises(ValueError, match="Z must have shape"):
+        _kernels.first_layer(X, Wp, Z)
+    Z = np.empty((3, 70), np.float32)
+    _kernels.first_layer(X, Wp, Z)
+    np.testing.assert_allclose(Z, 5.0)
