@@ -874,6 +874,12 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                       else self._param_to_json(k, v))     # RandomState objects: not JSON
                   for k, v in self.get_params().items() if k not in self._UNSAVED_PARAMS}
         params["hidden_layer_sizes"] = self._hidden_sizes()
+        if isinstance(self.hidden_layer_sizes, numbers.Integral):
+            params["hidden_layer_sizes"] = int(self.hidden_layer_sizes)
+        # JSON has no tuples: the names of the tuple-valued parameters come back as tuples.
+        tuples = sorted(k for k, v in self.get_params().items()
+                        if isinstance(v, tuple) and k in params)
+        best_loss = float(getattr(self, "best_loss_", np.nan))
         classes = self.classes_
         current = None
         try:       # the slot the existing (valid) model uses must not be overwritten
@@ -895,6 +901,8 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
             "devices": None if self.devices_ is None else self.devices_.to_dict(),
             "weights": {"slot": slot, "sha256": hashlib.sha256(blob).hexdigest(),
                         "n_layers": len(self.coefs_)},
+            "tuples": tuples, "t": int(getattr(self, "t_", 0)),
+            "best_loss": best_loss if np.isfinite(best_loss) else None,
         }
         meta["checksum"] = self._meta_checksum(meta)
         text = _io.json_bytes(meta)
@@ -935,7 +943,9 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         missing = sorted(expected_fields - set(meta))
         if missing:
             raise bad(f"model file is missing field(s) {', '.join(missing)}")
-        extra = sorted(set(meta) - expected_fields)
+        # Added in 0.1 without a format change: files written before lack them.
+        optional_fields = {"tuples", "t", "best_loss"}
+        extra = sorted(set(meta) - expected_fields - optional_fields)
         if extra:
             raise bad(f"model file has unknown field(s) {', '.join(extra)[:200]}")
         if meta["checksum"] != cls._meta_checksum(meta):
@@ -949,6 +959,11 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         if unknown or set(params) & set(cls._UNSAVED_PARAMS):
             raise bad(f"field 'params' has unknown or unsaved parameter(s) "
                       f"{', '.join(unknown or sorted(set(params) & set(cls._UNSAVED_PARAMS)))}")
+        tuples = meta.get("tuples", [])
+        if not isinstance(tuples, list) or not all(
+                isinstance(k, str) and isinstance(params.get(k), list) for k in tuples):
+            raise bad("field 'tuples' must list parameters whose values are lists")
+        params = {k: (tuple(v) if k in tuples else v) for k, v in params.items()}
         est = cls(**params)
         try:
             est._validate_params()
@@ -1067,6 +1082,9 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
         est.n_features_in_ = n_features
         est.n_iter_ = n_iter
         est.loss_curve_ = curve
+        est.t_ = ci(meta.get("t", 0), path, "t", 0, 10**15)
+        if meta.get("best_loss") is not None:
+            est.best_loss_ = cf(meta["best_loss"], path, "best_loss")
         est.mapping_ = mapping
         est._nominal = nominal
         est._seeds = seeds

@@ -419,7 +419,7 @@ class Trainer:
         self.epoch = self.end_epoch = int(epoch)
         self.history = history if history is not None else {
             "loss": [], "train_accuracy": [], "val_accuracy": [], "seconds": []}
-        self.n_samples = None
+        self.n_rows = None
         self._resumed = False
         # The position inside an epoch: an empty order means "at an epoch boundary".
         self.order, self.batch_start = np.zeros(0, np.int64), 0
@@ -436,7 +436,8 @@ class Trainer:
         return {"network": net, "optimizer": self.optimizer, "order": self.order,
                 "best": self.best_weights,
                 "meta": {"epoch": self.epoch, "batch_start": self.batch_start,
-                         "end_epoch": self.end_epoch, "n_samples": self.n_samples,
+                         # (the file format's key for the number of training rows)
+                         "end_epoch": self.end_epoch, "n_samples": self.n_rows,
                          "rng_state": self.rng.bit_generator.state, "history": self.history,
                          "tot_loss": self.tot_loss, "correct": self.correct,
                          "best_score": self.best_score, "no_improve": self.no_improve,
@@ -481,9 +482,9 @@ class Trainer:
         sizes, have = list(self.network.layer_sizes), list(state["network"].layer_sizes)
         if have != sizes:
             raise ValueError(f"checkpoint is for layer sizes {have}, this run has {sizes}")
-        if self.n_samples is not None and meta["n_samples"] != self.n_samples:
+        if self.n_rows is not None and meta["n_samples"] != self.n_rows:
             raise ValueError(f"checkpoint was taken on {meta['n_samples']} training samples, "
-                             f"this run has {self.n_samples}")
+                             f"this run has {self.n_rows}")
         state = copy.deepcopy(state)
         meta = state["meta"]
         network = state["network"]
@@ -493,7 +494,7 @@ class Trainer:
         self.rng.bit_generator.state = meta["rng_state"]
         self.history = meta["history"]
         self.epoch, self.end_epoch = meta["epoch"], meta["end_epoch"]
-        self.n_samples, self._resumed = meta["n_samples"], True
+        self.n_rows, self._resumed = meta["n_samples"], True
         self.order, self.batch_start = state["order"], meta["batch_start"]
         self.tot_loss, self.correct = meta["tot_loss"], meta["correct"]
         self.best_score, self.best_weights = meta["best_score"], state["best"]
@@ -539,15 +540,15 @@ class Trainer:
             epoch's state.
         """
         n, d = X.shape
-        if self.n_samples is not None and n != self.n_samples and (self._resumed
+        if self.n_rows is not None and n != self.n_rows and (self._resumed
                                                                     or len(self.order)):
-            raise ValueError(f"checkpoint was taken on {self.n_samples} training samples, "
+            raise ValueError(f"checkpoint was taken on {self.n_rows} training samples, "
                              f"this run has {n}")
         if epochs is None:
             end = self.epoch if self.stopped else max(self.end_epoch, self.epoch)
         else:
             self.stopped, end = False, self.epoch + int(epochs)
-        self.n_samples, self.end_epoch, self._backend_state = n, end, None
+        self.n_rows, self.end_epoch, self._backend_state = n, end, None
         cfg = self.config
         batch_size, T = cfg.batch_size, int(cfg.train_samples)
         network, optimizer, rng = self.network, self.optimizer, self.rng
@@ -704,7 +705,7 @@ class Trainer:
             self._backend_state = bstate
             where = self._save(bstate)
             run_bar.close()
-            raise _interrupted(exc, info["epoch"] - 1, self.n_samples, where) from exc
+            raise _interrupted(exc, info["epoch"] - 1, self.n_rows, where) from exc
 
 
 def _backward_hidden(network, cache, g, grads_w, grads_b, nb, T, surrogate, mul_inplace,

@@ -216,9 +216,22 @@ def test_numpy_typed_parameters_save_and_load(tmp_path):
     back = SOTClassifier.load(clf.save(tmp_path / "m.json"))
     p = back.get_params()
     assert p["nominal_device"] == [2e-3, 7e-5] and p["n_samples"] == 2
-    assert p["hidden_layer_sizes"] == [6] and p["max_iter"] == 2
+    assert p["hidden_layer_sizes"] == (6,) and p["max_iter"] == 2
     assert p["random_state"] == 0 and p["checkpoint"] is None
     np.testing.assert_array_equal(back.predict_proba(X), clf.predict_proba(X))
+
+
+@pytest.mark.parametrize("hidden", [(6,), [6], 6, (5, 4)])
+def test_save_load_keeps_parameter_types_and_fitted_counters(hidden, tmp_path):
+    """Tuples stay tuples, lists lists, ints ints; t_ and best_loss_ survive."""
+    X, y = _data()
+    clf = SOTClassifier(**dict(FAST, hidden_layer_sizes=hidden,
+                               nominal_device=(2e-3, 7e-5))).fit(X, y)
+    back = SOTClassifier.load(clf.save(tmp_path / "m.json"))
+    assert back.hidden_layer_sizes == hidden and type(back.hidden_layer_sizes) is type(hidden)
+    assert back.nominal_device == (2e-3, 7e-5)
+    assert back.t_ == clf.t_ > 0 and back.best_loss_ == clf.best_loss_
+    assert back.n_iter_ == clf.n_iter_ and back.loss_curve_ == clf.loss_curve_
 
 
 def test_unjsonable_parameter_fails_before_writing(tmp_path):
