@@ -66,6 +66,23 @@ static int sot_cpu_has_fma(void)
     return sot_fma_flag;
 }
 
+/* Rows of group g: their inputs and their outputs from column j0 (rows past
+ * the end repeat the group's first row; their sums are not stored).  Returns
+ * the number of real rows. */
+static inline ptrdiff_t sot_first_group(const float *X, ptrdiff_t ldx, float *Z, ptrdiff_t ldz,
+                                        ptrdiff_t n, ptrdiff_t g, ptrdiff_t j0,
+                                        const float **xr, float **zr)
+{
+    const ptrdiff_t i0 = g * SOT_FIRST_ROWS;
+    const ptrdiff_t nr = n - i0 < SOT_FIRST_ROWS ? n - i0 : SOT_FIRST_ROWS;
+    for (int r = 0; r < SOT_FIRST_ROWS; ++r) {
+        const ptrdiff_t ii = i0 + (r < nr ? r : 0);
+        xr[r] = X + ii * ldx;
+        zr[r] = Z + ii * ldz + j0;
+    }
+    return nr;
+}
+
 /* Blocked: per chunk of 64 columns and block of SOT_FIRST_KB k (a W panel of
  * at most 32 KB, which stays in L1 for all the rows), each group of rows adds
  * the terms of its union's k in that block to its partial sums (kept in Z
@@ -116,17 +133,11 @@ SOT_AVX512 static void sot_first_layer_avx512(const float *X, ptrdiff_t ldx, ptr
         }
         for (ptrdiff_t kb = 0; kb < nkb; ++kb) {
             for (ptrdiff_t g = 0; g < ng; ++g) {
-                const ptrdiff_t i0 = g * SOT_FIRST_ROWS;
-                const ptrdiff_t nr = n - i0 < SOT_FIRST_ROWS ? n - i0 : SOT_FIRST_ROWS;
                 const int32_t t0 = off[g * (nkb + 1) + kb], t1 = off[g * (nkb + 1) + kb + 1];
                 if (t0 == t1 && kb > 0) continue;          /* nothing to add */
                 const float *xr[SOT_FIRST_ROWS];
                 float *zr[SOT_FIRST_ROWS];
-                for (int r = 0; r < SOT_FIRST_ROWS; ++r) {
-                    const ptrdiff_t ii = i0 + (r < nr ? r : 0);
-                    xr[r] = X + ii * ldx;
-                    zr[r] = Z + ii * ldz + j0;
-                }
+                const ptrdiff_t nr = sot_first_group(X, ldx, Z, ldz, n, g, j0, xr, zr);
                 __m512 a[SOT_FIRST_ROWS][4];
                 const __mmask16 ld = kb == 0 ? 0 : 0xFFFF;   /* first block: from zero */
                 for (int r = 0; r < SOT_FIRST_ROWS; ++r)
@@ -181,17 +192,11 @@ SOT_AVX2_FMA static void sot_first_layer_avx2(const float *X, ptrdiff_t ldx, ptr
         }
         for (ptrdiff_t kb = 0; kb < nkb; ++kb) {
             for (ptrdiff_t g = 0; g < ng; ++g) {
-                const ptrdiff_t i0 = g * SOT_FIRST_ROWS;
-                const ptrdiff_t nr = n - i0 < SOT_FIRST_ROWS ? n - i0 : SOT_FIRST_ROWS;
                 const int32_t t0 = off[g * (nkb + 1) + kb], t1 = off[g * (nkb + 1) + kb + 1];
-                if (t0 == t1 && kb > 0) continue;
+                if (t0 == t1 && kb > 0) continue;          /* nothing to add */
                 const float *xr[SOT_FIRST_ROWS];
                 float *zr[SOT_FIRST_ROWS];
-                for (int r = 0; r < SOT_FIRST_ROWS; ++r) {
-                    const ptrdiff_t ii = i0 + (r < nr ? r : 0);
-                    xr[r] = X + ii * ldx;
-                    zr[r] = Z + ii * ldz + j0;
-                }
+                const ptrdiff_t nr = sot_first_group(X, ldx, Z, ldz, n, g, j0, xr, zr);
                 __m256 a[SOT_FIRST_ROWS][2];
                 for (int r = 0; r < SOT_FIRST_ROWS; ++r)
                     for (int q = 0; q < 2; ++q)
