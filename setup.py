@@ -67,7 +67,7 @@ ext = Extension(
     "sotcore._kernels",
     sources=["sotcore/_kernels.pyx"],
     depends=["sotcore/_sotrng.h", "sotcore/_sot_math.h", "sotcore/_sot_infer.h",
-             "sotcore/_sot_optim.h", "sotcore/_sot_train.h", "sotcore/_sot_first.h"],
+             "sotcore/_sot_optim.h", "sotcore/_sot_train.h", "sotcore/_sot_first.h", "sotcore/_sot_fp.h"],
     include_dirs=[np.get_include(), "sotcore"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=extra_compile,

@@ -6,6 +6,9 @@ Kernels trust their inputs' *values* (validation lives in Python), but every
 can make a kernel read or write out of bounds.  Randomness is counter-based
 (see ``_sotrng.h``): the bit for element (row r, column j) depends only on
 (seed, stream, r, j), so results are identical at any thread count.
+
+Size: one extension module (one build, one import) holding the thin,
+shape-checking def wrappers of every C header's kernels.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport uint8_t, uint32_t, uint64_t

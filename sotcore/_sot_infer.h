@@ -58,6 +58,9 @@
  * ~0.5 us per input, ~0.1 us per sample (16 SplitMix64 vectors, 32 compares,
  * 64 table adds for 500 devices), against ~5 us per input for the first
  * layer's sgemm on one core.
+ *
+ * Size: the fused kernel's three CPU paths (portable, AVX-512, AVX2) must do
+ * the same operations in the same order; they stay side by side in one file.
  * ========================================================================== */
 #ifndef SOTCORE_SOT_INFER_H
 #define SOTCORE_SOT_INFER_H
@@ -69,12 +72,7 @@
 #include "_sotrng.h"
 #include "_sot_math.h"
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#endif
+SOT_EXACT_FP_BEGIN
 
 #define SOT_FUSED_PAD 32      /* devices are padded to a multiple of this */
 
@@ -735,10 +733,6 @@ static void sot_subset_table(const float *W, ptrdiff_t H, ptrdiff_t C, ptrdiff_t
     }
 }
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT DEFAULT
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SOT_EXACT_FP_END
 
 #endif

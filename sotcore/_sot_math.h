@@ -4,17 +4,13 @@
 #ifndef SOTCORE_SOT_MATH_H
 #define SOTCORE_SOT_MATH_H
 
+#include "_sot_fp.h"
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
 #include <math.h>
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#endif
+SOT_EXACT_FP_BEGIN
 
 /* Portable fallbacks for compiler builtins (GCC and Clang have them). */
 #if defined(__GNUC__) || defined(__clang__)
@@ -60,10 +56,6 @@ static inline float sot_expf(float x)
     return y * sc;
 }
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT DEFAULT
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SOT_EXACT_FP_END
 
 #endif

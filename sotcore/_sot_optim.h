@@ -7,12 +7,7 @@
 #include "_sotrng.h"
 #include "_sot_math.h"
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#endif
+SOT_EXACT_FP_BEGIN
 
 /* ==========================================================================
  * Optimiser steps, float32, in place, one pass.  g' = g + l2 p (L2 penalty
@@ -58,10 +53,6 @@ static void sot_sigmoid_deriv_mul(float *g, const float *cur, ptrdiff_t n, float
     }
 }
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT DEFAULT
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SOT_EXACT_FP_END
 
 #endif

@@ -8,12 +8,7 @@
 #include "_sotrng.h"
 #include "_sot_math.h"
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#endif
+SOT_EXACT_FP_BEGIN
 
 /* ==========================================================================
  * One training step of a network with one hidden layer of H devices, after
@@ -223,10 +218,6 @@ static void sot_row_hash(const uint32_t *X, ptrdiff_t nrows, ptrdiff_t d, const 
     }
 }
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT DEFAULT
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SOT_EXACT_FP_END
 
 #endif

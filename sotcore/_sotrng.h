@@ -11,6 +11,7 @@
 #ifndef SOTCORE_SOTRNG_H
 #define SOTCORE_SOTRNG_H
 
+#include "_sot_fp.h"
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -114,12 +115,7 @@ static void sot_fill_u64(uint64_t key, uint64_t ctr0, uint64_t *out, ptrdiff_t n
 
 /* No contraction: x = cur*a + b fused into an FMA would round differently
  * from the paths without FMA and break the "same bits on every CPU" rule. */
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#endif
+SOT_EXACT_FP_BEGIN
 
 /* Block of rows [0, nrows) (pointers at the block's first row; global row
  * `row`) x columns [j0, j1), j0 even.  Returns 1 if a current was not finite. */
@@ -456,11 +452,7 @@ static int sot_detect_isa(void)
 static int sot_detect_isa(void) { return SOT_ISA_SCALAR; }
 #endif  /* x86-64 SIMD */
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT DEFAULT
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SOT_EXACT_FP_END
 
 /* Dispatch.  The path is chosen once, on first use, with the GIL held (the
  * Cython caller resolves it before entering a parallel region). */

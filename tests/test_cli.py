@@ -233,7 +233,7 @@ def test_train_subcommand_and_devices_file(tmp_path, capsys):
     assert main(["train", "-o", str(tmp_path / "m.json"), "--devices",
                  str(tmp_path / "dev.json"), "--hidden", "24", "--epochs", "2"]) == 0
     clf = sotcore.SOTClassifier.load(tmp_path / "m.json")
-    assert clf.hidden_layer_sizes == [24]
+    assert clf.hidden_layer_sizes == (24,)
     capsys.readouterr()
     # more neurons than devices: they share the devices round-robin, and the CLI says so
     assert main(["train", "-o", str(tmp_path / "m.json"), "--devices",
