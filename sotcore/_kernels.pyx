@@ -279,20 +279,26 @@ def binary_matvec(const uint8_t[:, ::1] bits, const float[:, ::1] W,
 from cython.parallel cimport parallel
 from libc.stdint cimport uint16_t, int32_t, int64_t
 
+cdef enum:
+    FIRST_CHUNK = 240     # rows per parallel chunk of first_layer (a multiple of its 6-row groups)
+
 cdef extern from "_sot_first.h" nogil:
     void sot_first_layer(int isa, const float *X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
                          const float *W, Py_ssize_t H, float *Z, Py_ssize_t ldz, int32_t *ks)
     Py_ssize_t sot_first_scratch(Py_ssize_t n, Py_ssize_t d)
 
 
-def first_layer(const float[:, ::1] X, const float[:, :, ::1] Wp, float[:, ::1] Z):
+def first_layer(const float[:, ::1] X, const float[:, :, ::1] Wp, float[:, ::1] Z,
+                int n_threads=1):
     """``Z = X @ W`` row by row: over k ascending, one fused multiply-add per term,
     zeros of X skipped (``_sot_first.h``); ``Wp`` is ``W`` in panels of 64
     columns (``first_layer_panels``).  A row's result depends only on that row
-    (never on the batch, the blocking, the thread or the CPU path)."""
+    (never on the batch, the blocking, ``n_threads`` or the CPU path).  For 0/1
+    inputs it equals ``binary_matvec`` bit for bit (``fma(1, w, s) = s + w``)."""
     cdef Py_ssize_t n = X.shape[0], d = X.shape[1], H = Z.shape[1]
     if Wp.shape[1] != d or Wp.shape[2] != 64:
-        raise ValueError(f"Wp must have shape (chunks, {d}, 64), got ({Wp.shape[0]}, {Wp.shape[1]}, {Wp.shape[2]})")
+        raise ValueError(f"Wp must have shape (chunks, {d}, 64), got ({Wp.shape[0]}, "
+                         f"{Wp.shape[1]}, {Wp.shape[2]})")
     if Z.shape[0] != n or Wp.shape[0] != (H + 63) // 64:
         raise ValueError(f"Z must have shape ({n}, H) with H <= 64 x {Wp.shape[0]} "
                          f"(and > 64 x {Wp.shape[0] - 1})")
@@ -302,12 +308,33 @@ def first_layer(const float[:, ::1] X, const float[:, :, ::1] Wp, float[:, ::1] 
         Z[:, :] = 0
         return
     cdef int isa = sot_sampler_isa()     # resolved with the GIL held
-    cdef int32_t *ks = <int32_t *> malloc(sot_first_scratch(n, d) * sizeof(int32_t))
-    if ks == NULL:
-        raise MemoryError("first_layer: out of memory")
-    with nogil:
-        sot_first_layer(isa, &X[0, 0], d, n, d, &Wp[0, 0, 0], H, &Z[0, 0], H, ks)
-    free(ks)
+    # Row chunks of FIRST_CHUNK rows, one scratch per thread.
+    cdef Py_ssize_t nch = (n + FIRST_CHUNK - 1) // FIRST_CHUNK, c, i0, i1
+    cdef int nt = max(1, min(n_threads, nch))
+    cdef Py_ssize_t need = sot_first_scratch(min(n, FIRST_CHUNK), d)
+    cdef int failed = 0
+    cdef int32_t *ks
+    if nt == 1:
+        ks = <int32_t *> malloc(sot_first_scratch(n, d) * sizeof(int32_t))
+        if ks == NULL:
+            raise MemoryError("first_layer: out of memory")
+        with nogil:
+            sot_first_layer(isa, &X[0, 0], d, n, d, &Wp[0, 0, 0], H, &Z[0, 0], H, ks)
+        free(ks)
+        return
+    with nogil, parallel(num_threads=nt):
+        ks = <int32_t *> malloc(need * sizeof(int32_t))
+        for c in prange(nch, schedule="dynamic"):
+            if ks == NULL:
+                failed |= 1
+            else:
+                i0 = c * FIRST_CHUNK
+                i1 = min(i0 + FIRST_CHUNK, n)
+                sot_first_layer(isa, &X[i0, 0], d, i1 - i0, d, &Wp[0, 0, 0], H, &Z[i0, 0], H,
+                                ks)
+        free(ks)
+    if failed:
+        raise MemoryError("first_layer: out of memory for the per-thread scratch")
 
 
 def first_layer_panels(W):

@@ -353,6 +353,7 @@ class StochasticMLP:
         xbuf = np.empty((CH, d), np.float32)
         zbuf = np.empty((CH, self.layer_sizes[1]), np.float32)
         W1 = _kernels.first_layer_panels(self.coefs[0])
+        panels = [None] + [_kernels.first_layer_panels(W) for W in self.coefs[1:]]
         bar = tqdm(total=n, desc="predict", unit="row", disable=not progress, leave=False)
         with blas_limit(1):
             for s in range(0, n, batch_size):
@@ -374,7 +375,9 @@ class StochasticMLP:
                 bits = pulse(cur, 0)
                 for k in range(1, len(self.coefs)):
                     zk = np.empty((bits.shape[0], self.coefs[k].shape[1]), np.float32)
-                    _kernels.binary_matvec(bits, self.coefs[k], zk, nt)
+                    # The bits as 0/1 floats through the first-layer kernel: the same
+                    # sums as binary_matvec (rows of set bits added in order), faster.
+                    _kernels.first_layer(bits.astype(np.float32), panels[k], zk, nt)
                     zk += self.intercepts[k]
                     if k == len(self.coefs) - 1:
                         break

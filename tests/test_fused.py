@@ -743,3 +743,21 @@ def test_first_layer_rejects_bad_shapes():
     Z = np.empty((3, 70), np.float32)
     _kernels.first_layer(X, Wp, Z)
     np.testing.assert_allclose(Z, 5.0)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_first_layer_on_bits_equals_binary_matvec_at_any_thread_count(isa):
+    """The general path's hidden layers: 0/1 inputs through first_layer give the
+    bits of binary_matvec (rows of set bits added in order), on 1-3 threads and
+    for chunks that do not divide the rows."""
+    rng = np.random.default_rng(11)
+    n, K, M = 487, 130, 77
+    bits = (rng.random((n, K)) < 0.4).astype(np.uint8)
+    W = rng.standard_normal((K, M)).astype(np.float32)
+    ref = np.empty((n, M), np.float32)
+    _kernels.binary_matvec(bits, W, ref, 1)
+    Wp = _kernels.first_layer_panels(W)
+    for nt in (1, 2, 3):
+        Z = np.full((n, M), np.nan, np.float32)
+        _kernels.first_layer(bits.astype(np.float32), Wp, Z, nt)
+        np.testing.assert_array_equal(Z, ref)
