@@ -14,6 +14,7 @@ stream                 used by
 =====================  ==============================================================
 """
 import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -100,28 +101,33 @@ def fused_predict(X, W1, b1, W2, b2, unit, offset, table, seed, stream, keys, T,
     W1 = _kernels.first_layer_panels(W1)
 
     next_block = itertools.count().__next__      # atomic under the GIL
+    stop = threading.Event()                      # a worker failed: the others stop too
 
     def worker():
-        # Workers take the next block of rows until none is left, each with its
-        # own buffers, running BLAS and the kernel on one thread, so no two thread
-        # pools spin against each other.  Taking blocks as they come (not a fixed
-        # share) keeps every core busy when one is shared with another process or
-        # with a previous BLAS call's spinning threads; a block's output depends
-        # only on its rows, so the bits do not depend on who computed it.
+        # Workers take the next block of rows until none is left (or one failed),
+        # each with its own buffers, running the first layer and the kernel on one
+        # thread, so no two thread pools spin against each other.  Taking blocks as
+        # they come (not a fixed share) keeps every core busy when one is shared
+        # with another process or a previous BLAS call's spinning threads; a
+        # block's output depends only on its rows, not on who computed it.
         xbuf = np.empty((CH, d), np.float32)
         zbuf = np.empty((CH, H), np.float32)
         bad = False
-        while (c := next_block()) < nch:
-            s, e = c * CH, min((c + 1) * CH, n)
-            if callable(keys):
-                kb = np.ascontiguousarray(keys(X[s:e]), dtype=np.uint64)
-                if kb.shape != (e - s,):
-                    raise ValueError("row_keys must give one key per row")
-            else:
-                kb = keys[s:e]
-            Z = first_layer(X, s, e, W1, xbuf, zbuf)
-            bad |= _kernels.fused_predict(Z, A, B, thr, R, bias, seed, stream, kb, T,
-                                          out[s:e], 1)
+        try:
+            while not stop.is_set() and (c := next_block()) < nch:
+                s, e = c * CH, min((c + 1) * CH, n)
+                if callable(keys):
+                    kb = np.ascontiguousarray(keys(X[s:e]), dtype=np.uint64)
+                    if kb.shape != (e - s,):
+                        raise ValueError("row_keys must give one key per row")
+                else:
+                    kb = keys[s:e]
+                Z = first_layer(X, s, e, W1, xbuf, zbuf)
+                bad |= _kernels.fused_predict(Z, A, B, thr, R, bias, seed, stream, kb, T,
+                                              out[s:e], 1)
+        except BaseException:          # an error or Ctrl-C: no one starts another block
+            stop.set()
+            raise
         return bad
 
     with blas_limit(1):

@@ -293,8 +293,10 @@ def first_layer(const float[:, ::1] X, const float[:, :, ::1] Wp, float[:, ::1] 
     """``Z = X @ W`` row by row: over k ascending, one fused multiply-add per term,
     zeros of X skipped (``_sot_first.h``); ``Wp`` is ``W`` in panels of 64
     columns (``first_layer_panels``).  A row's result depends only on that row
-    (never on the batch, the blocking, ``n_threads`` or the CPU path).  For 0/1
-    inputs it equals ``binary_matvec`` bit for bit (``fma(1, w, s) = s + w``)."""
+    (never on the batch, the blocking, ``n_threads`` or the CPU path) -- for
+    finite W (the estimator's weights always are), and up to the sign of a zero
+    sum, which no later step can see.  For 0/1 inputs it equals
+    ``binary_matvec`` bit for bit (``fma(1, w, s) = s + w``)."""
     cdef Py_ssize_t n = X.shape[0], d = X.shape[1], H = Z.shape[1]
     if Wp.shape[1] != d or Wp.shape[2] != 64:
         raise ValueError(f"Wp must have shape (chunks, {d}, 64), got ({Wp.shape[0]}, "
@@ -478,13 +480,13 @@ def fused_predict(const float[:, ::1] Z, const float[::1] A, const float[::1] B,
     md.key2 = sot_stream_key(~seed, stream)
     md.T = n_samples
     cdef int isa = sot_sampler_isa()     # resolved with the GIL held
+    block_rows = min(block_rows, n)      # before the count: no overflow for huge values
     cdef Py_ssize_t nblk = (n + block_rows - 1) // block_rows
     cdef Py_ssize_t c, i0, i1
     cdef int nonfinite = 0, failed = 0
     cdef uint16_t *buf
     cdef float *scratch
     cdef double *accd
-    block_rows = min(block_rows, n)
     n_threads = max(1, min(n_threads, nblk))
     with nogil, parallel(num_threads=n_threads):
         # Per thread: thresholds (2 x block_rows x Hp uint16), accumulators, scratch.

@@ -312,7 +312,7 @@ class StochasticMLP:
 
         * **fused** -- one hidden layer on a backend that offers
           ``fused_forward`` and says it is available (the emulator without
-          aging): first layer by BLAS, then one compiled kernel per block of
+          aging): the compiled first layer, then one compiled kernel per block of
           inputs draws all ``n_samples`` samples, output layer and softmax.
         * **general** -- deeper networks and other backends: the backend's
           pulses per layer (through the device map) and the compiled binary

@@ -761,3 +761,38 @@ def test_first_layer_on_bits_equals_binary_matvec_at_any_thread_count(isa):
         Z = np.full((n, M), np.nan, np.float32)
         _kernels.first_layer(bits.astype(np.float32), Wp, Z, nt)
         np.testing.assert_array_equal(Z, ref)
+
+
+def test_a_failing_worker_stops_the_others():
+    """An error in one prediction worker (here: the row-key callable) stops the
+    others after their current block instead of letting them finish the call."""
+    import threading
+    from sotcore._fused import fused_predict
+    rng = np.random.default_rng(0)
+    pop = sotcore.DevicePopulation.from_width(20.0, 40, random_state=0)
+    n = 60 * FIRST_LAYER_ROWS
+    X = rng.random((n, 8), dtype=np.float32)
+    W1 = rng.standard_normal((8, 40)).astype(np.float32)
+    W2 = rng.standard_normal((40, 3)).astype(np.float32)
+    calls, lock = [0], threading.Lock()
+
+    def keys(block):
+        with lock:
+            calls[0] += 1
+            k = calls[0]
+        if k == 3:
+            raise RuntimeError("key source failed")
+        return np.arange(len(block), dtype=np.uint64)
+    with pytest.raises(RuntimeError, match="key source failed"):
+        fused_predict(X, W1, np.zeros(40), W2, np.zeros(3), float(pop.scale.mean()), 0.0,
+                      pop.table(), 1, 2, keys, 2, 2)
+    assert calls[0] <= 3 + 2, calls[0]           # not the 60 blocks of the call
+
+
+def test_huge_block_rows_is_clamped_not_overflowed():
+    rng = np.random.default_rng(1)
+    md = _model(20, 3, rng)
+    Z = rng.standard_normal((7, 20)).astype(np.float32)
+    keys = np.arange(7, dtype=np.uint64)
+    got = _fused(md, Z, keys, 2, block_rows=2**63 - 1)[0]
+    np.testing.assert_array_equal(got, _fused(md, Z, keys, 2)[0])

@@ -428,7 +428,9 @@ def test_each_isa_forced_by_environment_predicts_the_same_bits(tmp_path):
         env = dict(os.environ, SOTCORE_ISA=isa, OMP_NUM_THREADS="1")
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         f = tmp_path / f"{isa}.npz"
-        subprocess.run([sys.executable, "-c", code, str(f)], env=env, check=True, timeout=300)
+        # cwd: not the repository root, whose source tree may have no compiled core
+        subprocess.run([sys.executable, "-c", code, str(f)], env=env, check=True, timeout=300,
+                       cwd=tmp_path)
         with np.load(f) as z:
             assert str(z["isa"]) == isa
             outs[isa] = (z["P"], z["B"])
