@@ -4,8 +4,9 @@ Layer ``l`` computes pre-activations ``z = h W + b`` in *network units*; a fixed
 affine :class:`CurrentMapping` turns them into pulse currents
 ``I = offset + unit * z`` (amperes) for the layer's devices, and the devices'
 switched bits are the layer's output.  The first layer's input is the data;
-later layers receive bits, so their product is a sum of weight rows
-(the compiled ``binary_matvec`` kernel at inference).  The output layer is a
+later layers receive bits, so their product is a sum of weight rows (at
+inference the compiled first-layer kernel, which skips zeros, adds them in
+order: the sums of ``binary_matvec``).  The output layer is a
 softmax; inference averages the class probabilities over ``T`` samples.
 """
 import numbers
