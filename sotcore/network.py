@@ -17,7 +17,7 @@ from scipy.special import expit
 from tqdm.auto import tqdm
 
 from . import _kernels
-from ._fused import FIRST_LAYER_ROWS, first_layer, keyed_samples
+from ._fused import keyed_samples
 from ._threads import blas_limit
 from ._utils import effective_n_threads
 from .exceptions import BackendError, SotcoreError
@@ -316,16 +316,17 @@ class StochasticMLP:
           aging): the compiled first layer, then one compiled kernel per block of
           inputs draws all ``n_samples`` samples, output layer and softmax.
         * **general** -- deeper networks and other backends: the backend's
-          pulses per layer (through the device map) and the compiled binary
-          mat-vec on the bits; ``progress`` shows a bar with an ETA.
+          pulses per layer (through the device map), the bits' sums by the
+          same compiled kernel; ``progress`` shows a bar with an ETA.
 
         The first layer is computed by the compiled kernel
         ``_kernels.first_layer`` (one fused multiply-add per term, the
         input's zeros skipped), row by row in law, so a row's currents -- and
         with ``row_keys`` its predictions -- never depend on the batch, its
-        order, the thread count or the CPU path.  With ``row_keys`` (one uint64 per row of X, or a callable
-        on a block of rows) and an emulated backend, each input's noise
-        depends only on its key.  Memory is bounded by the blocks.
+        order, the thread count or the CPU path.  With ``row_keys`` (one
+        uint64 per row of X, or a callable on a block of rows) and an
+        emulated backend, each input's noise depends only on its key.
+        Memory is bounded by the blocks.
         """
         T = int(n_samples)
         if T < 1:
@@ -344,25 +345,21 @@ class StochasticMLP:
         return self._predict_general(X, backend, T, batch_size, nt, row_keys, progress)
 
     def _predict_general(self, X, backend, T, batch_size, nt, row_keys, progress=False):
-        n, d = X.shape
+        n = X.shape[0]
         if batch_size is None:
             batch_size = max(1, 2 ** 19 // (T * max(self.hidden_sizes)))
         out = np.empty((n, self.layer_sizes[-1]), dtype=np.float64)
         keyed = row_keys is not None and hasattr(backend, "pulse_keyed")
         plans = [self.device_map.plan(sl) for sl in self.device_slices()]
-        CH = FIRST_LAYER_ROWS
-        xbuf = np.empty((CH, d), np.float32)
-        zbuf = np.empty((CH, self.layer_sizes[1]), np.float32)
-        W1 = _kernels.first_layer_panels(self.coefs[0])
-        panels = [None] + [_kernels.first_layer_panels(W) for W in self.coefs[1:]]
+        panels = [_kernels.first_layer_panels(W) for W in self.coefs]
         bar = tqdm(total=n, desc="predict", unit="row", disable=not progress, leave=False)
         with blas_limit(1):
             for s in range(0, n, batch_size):
                 e = min(s + batch_size, n)
                 z = np.empty((e - s, self.layer_sizes[1]), np.float32)
-                for c in range(s, e, CH):
-                    z[c - s:min(c + CH, e) - s] = first_layer(X, c, min(c + CH, e), W1,
-                                                              xbuf, zbuf)
+                # Row by row in law (any block gives each row the same sums).
+                _kernels.first_layer(np.ascontiguousarray(X[s:e], dtype=np.float32),
+                                     panels[0], z, nt)
                 z += self.intercepts[0]
                 cur = np.repeat(self.mapping.to_current(z).astype(np.float32, copy=False), T,
                                 axis=0)
