@@ -403,13 +403,12 @@ def run_main_job(args):
     """The main job: the training modes side by side on one population or instrument
     (computed by :func:`sotcore.experiments.run_main_job`; printed and saved here)."""
     import json
-    from pathlib import Path
 
     from . import experiments
     from .devices import DevicePopulation
     from .estimator import DEFAULT_WIDTH_UM
     from .experiments import format_table, summarize
-    from .training import SURROGATES, nominal_curve
+    from .training import nominal_curve
     surrogates = _csv_list(args.surrogates, str, "--surrogates")
     bad = [x for x in surrogates if x not in SURROGATES]
     if bad:
@@ -606,7 +605,6 @@ def _sweep_results_path(out):
 
 def _check_writable(*paths):
     """Fail before the work, not after it, when an output directory is missing."""
-    from pathlib import Path
     for p in paths:
         if p is not None:
             parent = Path(p).resolve().parent

@@ -245,8 +245,7 @@ def run_main_job(X_train, y_train, X_test, y_test, *, hidden_layer_sizes, widths
         The records of every width, as :func:`compare_modes` returns them.
     """
     if calibration is None:
-        def calibration(devices, seed):
-            return measured_calibration(devices, seed)
+        calibration = measured_calibration
     passes = [None] if population is not None or backend is not None else list(widths)
     records = []
     for w in passes:
