@@ -870,15 +870,15 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                        for i, b in enumerate(self.intercepts_)})
         blob = _io.npz_bytes(arrays)
         rs = self.random_state
+        saved = {k: v for k, v in self.get_params().items() if k not in self._UNSAVED_PARAMS}
         params = {k: (None if k == "random_state" and not isinstance(rs, numbers.Integral)
                       else self._param_to_json(k, v))     # RandomState objects: not JSON
-                  for k, v in self.get_params().items() if k not in self._UNSAVED_PARAMS}
-        params["hidden_layer_sizes"] = self._hidden_sizes()
-        if isinstance(self.hidden_layer_sizes, numbers.Integral):
-            params["hidden_layer_sizes"] = int(self.hidden_layer_sizes)
+                  for k, v in saved.items()}
+        h = self.hidden_layer_sizes
+        params["hidden_layer_sizes"] = int(h) if isinstance(h, numbers.Integral) \
+            else self._hidden_sizes()
         # JSON has no tuples: the names of the tuple-valued parameters come back as tuples.
-        tuples = sorted(k for k, v in self.get_params().items()
-                        if isinstance(v, tuple) and k in params)
+        tuples = sorted(k for k, v in saved.items() if isinstance(v, tuple))
         best_loss = float(getattr(self, "best_loss_", np.nan))
         classes = self.classes_
         current = None
