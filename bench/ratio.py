@@ -280,7 +280,7 @@ def after_blas(args, torch):
     print(f"{'call':>26} {'after pause ms':>15} {'after sgemm ms':>15} {'ratio':>6}")
     calls = [(f"predict_proba T={T}", lambda T=T: prob.ours(T)) for T in args.samples]
     calls.append(("fit, 1 HIL epoch, 10k rows",
-                  lambda: prob.clf.__class__(devices=prob.pop, training="hil", max_iter=1,
+                  lambda: sotcore.SOTClassifier(devices=prob.pop, training="hil", max_iter=1,
                                              random_state=0).fit(Xfit, yfit)))
     summary = []
     for name, fn in calls:
