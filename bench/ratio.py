@@ -352,8 +352,8 @@ def cotenant(args, torch):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     neighbour = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR, str(args.cotenant_seconds)],
                                  env=env)
-    print(f"\n== co-tenant: another process runs a 2-thread BLAS loop; each call with "
-          f"default threading and with BLAS limited to one thread")
+    print("\n== co-tenant: another process runs a 2-thread BLAS loop; each call with "
+          "default threading and with BLAS limited to one thread")
     print(f"{'call':>30} {'default s':>10} {'1 BLAS thread s':>16} {'ratio':>6}")
     summary = []
     try:
