@@ -284,8 +284,56 @@ cdef enum:
 
 cdef extern from "_sot_first.h" nogil:
     void sot_first_layer(int isa, const float *X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
-                         const float *W, Py_ssize_t H, float *Z, Py_ssize_t ldz, int32_t *ks)
+                         const float *W, Py_ssize_t ps, Py_ssize_t kst, Py_ssize_t H, float *Z,
+                         Py_ssize_t ldz, int32_t *ks)
     Py_ssize_t sot_first_scratch(Py_ssize_t n, Py_ssize_t d)
+    void sot_first_tn(int isa, const float *X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t k0,
+                      Py_ssize_t k1, const float *G, Py_ssize_t ldg, Py_ssize_t H, float *O,
+                      Py_ssize_t ldo, int32_t *ws)
+    Py_ssize_t sot_tn_scratch()
+    enum: SOT_TN_KB
+
+
+cdef int _first_run(int isa, const float *X, Py_ssize_t n, Py_ssize_t d, const float *W,
+                    Py_ssize_t ps, Py_ssize_t kst, Py_ssize_t H, float *Z,
+                    int n_threads) noexcept nogil:
+    """Z (n x H) = X (n x d) W on up to n_threads threads (W's layout: ps, kst, as
+    sot_first_layer).  Work items: chunks of FIRST_CHUNK rows; with fewer chunks
+    than threads, also groups of whole 64-column panels.  Each Z element is made
+    by one item with the same FMAs, so the split changes nothing.  Returns 1 if
+    a scratch allocation failed."""
+    cdef Py_ssize_t nch = (n + FIRST_CHUNK - 1) // FIRST_CHUNK, npan = (H + 63) // 64
+    cdef Py_ssize_t ncg = 1, it, c, g, i0, i1, p0, p1, hw
+    cdef int failed = 0
+    cdef int32_t *ks
+    if nch < n_threads:
+        ncg = min(npan, (n_threads + nch - 1) // nch)
+    cdef int nt = <int> max(1, min(<Py_ssize_t> n_threads, nch * ncg))
+    cdef Py_ssize_t need = sot_first_scratch(min(n, <Py_ssize_t> FIRST_CHUNK), d)
+    if nt == 1:
+        ks = <int32_t *> malloc(sot_first_scratch(n, d) * sizeof(int32_t))
+        if ks == NULL:
+            return 1
+        sot_first_layer(isa, X, d, n, d, W, ps, kst, H, Z, H, ks)
+        free(ks)
+        return 0
+    with parallel(num_threads=nt):
+        ks = <int32_t *> malloc(need * sizeof(int32_t))
+        for it in prange(nch * ncg, schedule="dynamic"):
+            if ks == NULL:
+                failed |= 1
+            else:
+                c = it // ncg
+                g = it % ncg
+                i0 = c * FIRST_CHUNK
+                i1 = min(i0 + FIRST_CHUNK, n)
+                p0 = g * npan // ncg
+                p1 = (g + 1) * npan // ncg
+                hw = min(H, p1 * 64) - p0 * 64
+                sot_first_layer(isa, X + i0 * d, d, i1 - i0, d, W + p0 * ps, ps, kst, hw,
+                                Z + i0 * H + p0 * 64, H, ks)
+        free(ks)
+    return failed
 
 
 def first_layer(const float[:, ::1] X, const float[:, :, ::1] Wp, float[:, ::1] Z,
@@ -310,33 +358,75 @@ def first_layer(const float[:, ::1] X, const float[:, :, ::1] Wp, float[:, ::1] 
         Z[:, :] = 0
         return
     cdef int isa = sot_sampler_isa()     # resolved with the GIL held
-    # Row chunks of FIRST_CHUNK rows, one scratch per thread.
-    cdef Py_ssize_t nch = (n + FIRST_CHUNK - 1) // FIRST_CHUNK, c, i0, i1
-    cdef int nt = max(1, min(n_threads, nch))
-    cdef Py_ssize_t need = sot_first_scratch(min(n, FIRST_CHUNK), d)
-    cdef int failed = 0
-    cdef int32_t *ks
-    if nt == 1:
-        ks = <int32_t *> malloc(sot_first_scratch(n, d) * sizeof(int32_t))
-        if ks == NULL:
-            raise MemoryError("first_layer: out of memory")
-        with nogil:
-            sot_first_layer(isa, &X[0, 0], d, n, d, &Wp[0, 0, 0], H, &Z[0, 0], H, ks)
-        free(ks)
+    cdef int failed
+    with nogil:
+        failed = _first_run(isa, &X[0, 0], n, d, &Wp[0, 0, 0], d * 64, 64, H, &Z[0, 0],
+                            max(1, n_threads))
+    if failed:
+        raise MemoryError("first_layer: out of memory for the scratch")
+
+
+def sparse_matmul(const float[:, ::1] X, const float[:, ::1] W, float[:, ::1] Z,
+                  int n_threads=1):
+    """``Z = X @ W`` for a row-major ``W`` (d x H), the zeros of ``X`` skipped:
+    ``first_layer``'s kernel and sums (one fused multiply-add per term, k
+    ascending; a row's result depends only on that row and ``W``, not on the
+    batch, ``n_threads`` or the CPU path), without packing ``W`` -- for weights
+    that change every step (training).  Finite ``W`` assumed, as there."""
+    cdef Py_ssize_t n = X.shape[0], d = X.shape[1], H = W.shape[1]
+    if W.shape[0] != d:
+        raise ValueError(f"W must have {d} rows (X has {d} columns), got {W.shape[0]}")
+    if Z.shape[0] != n or Z.shape[1] != H:
+        raise ValueError(f"Z must have shape ({n}, {H}), got ({Z.shape[0]}, {Z.shape[1]})")
+    if n == 0 or H == 0:
         return
+    if d == 0:
+        Z[:, :] = 0
+        return
+    cdef int isa = sot_sampler_isa()
+    cdef int failed
+    with nogil:
+        failed = _first_run(isa, &X[0, 0], n, d, &W[0, 0], 64, H, H, &Z[0, 0],
+                            max(1, n_threads))
+    if failed:
+        raise MemoryError("sparse_matmul: out of memory for the scratch")
+
+
+def sparse_matmul_tn(const float[:, ::1] X, const float[:, ::1] G, float[:, ::1] out,
+                     int n_threads=1):
+    """``out = X.T @ G`` (X: n x d, G: n x H, out: d x H), the zeros of ``X``
+    skipped: ``out[k, j]`` is one chain of fused multiply-adds over the rows i
+    with ``X[i, k] != 0``, ascending, from 0 (``_sot_first.h``), so the result
+    depends only on X and G -- not on ``n_threads``, the blocking or the CPU
+    path.  A column of X that is all zeros gives a zero row, also where G holds
+    inf or NaN (for finite G it equals the dense sum up to rounding).  Threads
+    split the k; the scratch per thread is fixed (~130 KB), whatever n."""
+    cdef Py_ssize_t n = X.shape[0], d = X.shape[1], H = G.shape[1]
+    if G.shape[0] != n:
+        raise ValueError(f"G must have {n} rows (as X), got {G.shape[0]}")
+    if out.shape[0] != d or out.shape[1] != H:
+        raise ValueError(f"out must have shape ({d}, {H}), got ({out.shape[0]}, "
+                         f"{out.shape[1]})")
+    if d == 0 or H == 0:
+        return
+    cdef int isa = sot_sampler_isa()
+    cdef Py_ssize_t nkb = (d + SOT_TN_KB - 1) // SOT_TN_KB, b, k0
+    cdef int nt = <int> max(1, min(<Py_ssize_t> max(1, n_threads), nkb)), failed = 0
+    cdef int32_t *ws
+    cdef const float *xp = &X[0, 0] if n > 0 else NULL
+    cdef const float *gp = &G[0, 0] if n > 0 else NULL
     with nogil, parallel(num_threads=nt):
-        ks = <int32_t *> malloc(need * sizeof(int32_t))
-        for c in prange(nch, schedule="dynamic"):
-            if ks == NULL:
+        ws = <int32_t *> malloc(sot_tn_scratch() * sizeof(int32_t))
+        for b in prange(nkb, schedule="dynamic"):
+            if ws == NULL:
                 failed |= 1
             else:
-                i0 = c * FIRST_CHUNK
-                i1 = min(i0 + FIRST_CHUNK, n)
-                sot_first_layer(isa, &X[i0, 0], d, i1 - i0, d, &Wp[0, 0, 0], H, &Z[i0, 0], H,
-                                ks)
-        free(ks)
+                k0 = b * SOT_TN_KB
+                sot_first_tn(isa, xp, d, n, k0, min(k0 + SOT_TN_KB, d), gp, H, H, &out[0, 0],
+                             H, ws)
+        free(ws)
     if failed:
-        raise MemoryError("first_layer: out of memory for the per-thread scratch")
+        raise MemoryError("sparse_matmul_tn: out of memory for the scratch")
 
 
 def first_layer_panels(W):

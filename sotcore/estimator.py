@@ -577,7 +577,7 @@ class SOTClassifier(ClassifierMixin, BaseEstimator):
                 verbose=bool(self.verbose), progress=self._show_progress() and mode == "hil",
                 random_state=int(self._seeds[3]) + epoch0,
                 optimizer=None if state is None else state["optimizer"], epoch=epoch0,
-                history=None if state is None else state["history"])
+                history=None if state is None else state["history"], n_threads=self.n_threads)
             if resume is not None:
                 # Finish the interrupted run (its own end epoch), bit-exactly.
                 trainer.load_state_dict(resume)

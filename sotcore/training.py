@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import _kernels
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._optim import SGD, Adam
+from ._utils import effective_n_threads
 from .devices import DevicePopulation
 from .exceptions import BackendError, TrainingInterrupted
 from .network import CurrentMapping, StochasticMLP, nominal_derivative
@@ -394,13 +395,19 @@ class Trainer:
     history : dict or None
         The run's history so far (lists ``loss``, ``train_accuracy``,
         ``val_accuracy``, ``seconds``); appended to in place.
+    n_threads : int or None
+        Threads of the compiled first-layer kernels (forward ``X W`` and the
+        gradient ``X^T G``, zeros of the inputs skipped; their results do not
+        depend on the thread count); None: OpenMP's default.
     """
 
     def __init__(self, network, *, backend, surrogate, config=None, mapping=None,
                  hidden_bias=0.0, device_map=None, validation=None, eval_fn=None, callbacks=(),
                  checkpoint=None, checkpoint_every=None, extra_meta=None, verbose=False,
-                 progress=False, random_state=None, optimizer=None, epoch=0, history=None):
+                 progress=False, random_state=None, optimizer=None, epoch=0, history=None,
+                 n_threads=None):
         self.config = TrainConfig() if config is None else config
+        self.n_threads = n_threads
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.backend, self.surrogate = backend, surrogate
@@ -564,6 +571,7 @@ class Trainer:
         gw0 = (np.empty(network.coefs[0].shape, np.float32)
                if network.coefs[0].dtype == np.float32 and X.dtype == np.float32 else None)
         fast = _fast_step_buffers(network, X, batch_size, T)
+        nt = effective_n_threads(self.n_threads)
         n_batches = -(-n // batch_size)
         run_bar = tqdm(total=max(0, end - self.epoch) * n_batches, desc="training",
                        unit="batch", disable=not self.progress, leave=False)
@@ -601,7 +609,8 @@ class Trainer:
                         if fast is not None:
                             # One hidden layer: first layer and the devices here, the rest
                             # in one kernel.
-                            z1 = np.matmul(Xb, network.coefs[0], out=fast["z1"][:nb])
+                            z1 = fast["z1"][:nb]
+                            _kernels.sparse_matmul(Xb, network.coefs[0], z1, nt)
                             z1 += network.intercepts[0]
                             cur = network._to_current(z1)
                             bits = network.pulse_layer(
@@ -628,8 +637,9 @@ class Trainer:
                         self.correct += int((probs.mean(axis=1).argmax(axis=1) == yb).sum())
                         g = _backward_hidden(network, cache, g, grads_w, grads_b, nb, T,
                                              surrogate, mul_inplace, slices)
-                    if gw0 is not None and g.dtype == np.float32:
-                        grads_w[0] = np.matmul(Xb.T, g, out=gw0)
+                    if gw0 is not None and g.dtype == np.float32 and Xb.flags.c_contiguous:
+                        _kernels.sparse_matmul_tn(Xb, np.ascontiguousarray(g), gw0, nt)
+                        grads_w[0] = gw0
                     else:
                         grads_w[0] = Xb.T @ g
                     # The L2 penalty is folded into the optimiser's single pass.

@@ -763,6 +763,129 @@ def test_first_layer_on_bits_equals_binary_matvec_at_any_thread_count(isa):
         np.testing.assert_array_equal(Z, ref)
 
 
+# ---------------------------------------------------------------------------
+# The training step's first layer: Z = X W (unpacked W) and the gradient X^T G
+def _on_every_path(fn):
+    out = []
+    try:
+        for p in ISAS:
+            _kernels.sampler_isa(p)
+            for nt in (1, 2, 3):
+                out.append(fn(nt))
+    finally:
+        _kernels.sampler_isa("best")
+    return out
+
+
+def _sparse_inputs(rng, n, d, density):
+    X = (rng.random((n, d)) * (rng.random((n, d)) < density)).astype(np.float32)
+    X[n // 2] = 0.0                                    # an all-zero row
+    if d > 2:
+        X[:, d // 3] = 0.0                             # an all-zero column
+    return X
+
+
+@pytest.mark.parametrize("n, d, H", [(1, 1, 1), (7, 5, 17), (100, 784, 500), (13, 130, 65),
+                                     (250, 40, 129), (6, 3, 300), (1201, 33, 31)])
+def test_sparse_matmul_is_first_layer_without_packing(n, d, H, global_random_seed):
+    """Unpacked W: the same bits as ``first_layer`` on its panels, on every path
+    and thread count (rows and column panels split among threads), within
+    float32 rounding of float64."""
+    rng = np.random.default_rng(global_random_seed)
+    X = _sparse_inputs(rng, n, d, 0.2)
+    W = rng.standard_normal((d, H)).astype(np.float32)
+    ref = np.full((n, H), np.nan, np.float32)
+    _kernels.first_layer(X, _kernels.first_layer_panels(W), ref)
+
+    def run(nt):
+        Z = np.full((n, H), np.nan, np.float32)
+        _kernels.sparse_matmul(X, W, Z, nt)
+        return Z
+    for Z in _on_every_path(run):
+        np.testing.assert_array_equal(Z, ref)
+    exact = X.astype(np.float64) @ W.astype(np.float64)
+    bound = (np.abs(X).astype(np.float64) @ np.abs(W).astype(np.float64)) * d * 2.0**-23 + 1e-30
+    assert np.all(np.abs(ref - exact) <= bound)
+
+
+def test_sparse_matmul_reads_only_w():
+    """W as a view whose row stride is its width, at the end of a larger array:
+    the masked loads read nothing past column H of the last row (a NaN there
+    would show in Z)."""
+    rng = np.random.default_rng(2)
+    d, H = 70, 100
+    buf = np.full(d * H + 64, np.nan, np.float32)
+    W = buf[:d * H].reshape(d, H)
+    W[:] = rng.standard_normal((d, H))
+    X = rng.random((9, d)).astype(np.float32)
+    for Z in _on_every_path(lambda nt: (_kernels.sparse_matmul(X, W, Z := np.empty((9, H),
+                                        np.float32), nt), Z)[1]):
+        assert np.isfinite(Z).all()
+        np.testing.assert_allclose(Z, X.astype(np.float64) @ W, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, d, H", [(1, 1, 1), (7, 5, 17), (100, 784, 500), (33, 65, 47),
+                                     (1100, 40, 70), (3, 100, 33), (0, 9, 12)])
+def test_sparse_matmul_tn_matches_float64_on_every_path(n, d, H, global_random_seed):
+    """out = X^T G, zeros of X skipped: within float32 rounding of float64, the
+    same bits on every path and thread count, also past the 512-row chunks
+    (n = 1100) whose sums continue in ``out``; zero rows for zero columns."""
+    rng = np.random.default_rng(global_random_seed)
+    X = _sparse_inputs(rng, n, d, 0.25) if n else np.zeros((0, d), np.float32)
+    G = rng.standard_normal((n, H)).astype(np.float32)
+
+    def run(nt):
+        O = np.full((d, H), np.nan, np.float32)
+        _kernels.sparse_matmul_tn(X, G, O, nt)
+        return O
+    outs = _on_every_path(run)
+    for O in outs:
+        np.testing.assert_array_equal(O, outs[0])
+    exact = X.T.astype(np.float64) @ G.astype(np.float64)
+    bound = (np.abs(X.T).astype(np.float64) @ np.abs(G).astype(np.float64)) * max(n, 1) \
+        * 2.0**-23 + 1e-30
+    assert np.all(np.abs(outs[0] - exact) <= bound)
+    if d > 2:
+        assert np.all(outs[0][d // 3] == 0)
+
+
+def test_sparse_matmul_tn_is_exact_on_small_integers():
+    """Small integers: every partial sum is exact, so each entry must equal the
+    exact product -- a dropped, repeated or misplaced term shows at once."""
+    rng = np.random.default_rng(9)
+    n, d, H = 1300, 45, 83
+    X = (rng.integers(-3, 4, (n, d)) * (rng.random((n, d)) < 0.3)).astype(np.float32)
+    G = rng.integers(-8, 9, (n, H)).astype(np.float32)
+    exact = X.T.astype(np.int64) @ G.astype(np.int64)
+    for O in _on_every_path(lambda nt: (_kernels.sparse_matmul_tn(X, G, O := np.full(
+            (d, H), np.nan, np.float32), nt), O)[1]):
+        np.testing.assert_array_equal(O, exact.astype(np.float32))
+
+
+def test_sparse_matmul_tn_zero_columns_ignore_nonfinite_g():
+    X = np.zeros((4, 3), np.float32)
+    X[:, 1] = [1, 0, 2, 0]
+    G = np.ones((4, 5), np.float32)
+    G[1] = np.inf                                      # row 1 meets only zeros of X
+    O = np.full((3, 5), np.nan, np.float32)
+    _kernels.sparse_matmul_tn(X, G, O, 2)
+    np.testing.assert_array_equal(O, [[0] * 5, [3] * 5, [0] * 5])
+
+
+def test_sparse_matmul_rejects_bad_shapes():
+    X, W = np.ones((3, 5), np.float32), np.ones((5, 7), np.float32)
+    with pytest.raises(ValueError, match="W must have 5 rows"):
+        _kernels.sparse_matmul(X, np.ones((6, 7), np.float32), np.empty((3, 7), np.float32))
+    with pytest.raises(ValueError, match=r"Z must have shape \(3, 7\)"):
+        _kernels.sparse_matmul(X, W, np.empty((3, 8), np.float32))
+    with pytest.raises(ValueError, match="G must have 3 rows"):
+        _kernels.sparse_matmul_tn(X, np.ones((4, 7), np.float32), np.empty((5, 7), np.float32))
+    with pytest.raises(ValueError, match=r"out must have shape \(5, 7\)"):
+        _kernels.sparse_matmul_tn(X, np.ones((3, 7), np.float32), np.empty((7, 5), np.float32))
+    with pytest.raises(ValueError):                    # float64 is not silently cast
+        _kernels.sparse_matmul(X.astype(np.float64), W, np.empty((3, 7), np.float32))
+
+
 def test_a_failing_worker_stops_the_others():
     """An error in one prediction worker (here: the row-key callable) stops the
     others after their current block instead of letting them finish the call."""
