@@ -212,6 +212,34 @@ def softmax(z):
     return z
 
 
+def sparse_product(A, W, n_threads=None):
+    """``A @ W``; for C-contiguous float32 operands by ``_kernels.sparse_matmul``
+    (zeros of ``A`` skipped, a row's result independent of the batch and of the
+    thread count), else by NumPy."""
+    if (isinstance(A, np.ndarray) and isinstance(W, np.ndarray) and A.dtype == np.float32
+            and W.dtype == np.float32 and A.ndim == 2 and W.ndim == 2
+            and A.flags.c_contiguous and W.flags.c_contiguous and A.shape[1] == W.shape[0]):
+        Z = np.empty((A.shape[0], W.shape[1]), np.float32)
+        _kernels.sparse_matmul(A, W, Z, effective_n_threads(n_threads))
+        return Z
+    return A @ W
+
+
+def sparse_product_tn(A, G, n_threads=None, out=None):
+    """``A.T @ G`` (a weight gradient); for float32 operands by
+    ``_kernels.sparse_matmul_tn`` (zeros of ``A`` skipped; the result does not
+    depend on the thread count), else by NumPy.  ``out``: a float32 buffer."""
+    if (isinstance(A, np.ndarray) and isinstance(G, np.ndarray) and A.dtype == np.float32
+            and G.dtype == np.float32 and A.ndim == 2 and G.ndim == 2
+            and A.flags.c_contiguous and A.shape[0] == G.shape[0]):
+        if out is None or out.shape != (A.shape[1], G.shape[1]) or out.dtype != np.float32:
+            out = np.empty((A.shape[1], G.shape[1]), np.float32)
+        _kernels.sparse_matmul_tn(A, np.ascontiguousarray(G), out,
+                                  effective_n_threads(n_threads))
+        return out
+    return A.T @ G
+
+
 class StochasticMLP:
     """Weights and forward passes of a network of stochastic binary neurons.
 
@@ -267,17 +295,18 @@ class StochasticMLP:
             self.intercepts[k] = np.full(b, 0.0 if last else hidden_bias, dtype=np.float32)
 
     # -- forward ------------------------------------------------------------------------
-    def forward(self, X, backend, n_samples):
+    def forward(self, X, backend, n_samples, n_threads=None):
         """One stochastic forward pass with ``n_samples`` samples per input.
 
         Returns ``(probs, cache)`` where ``probs`` has shape (n, T, n_classes)
         and ``cache`` holds what the backward pass needs: per hidden layer the
         currents (first layer (n, H), later (n*T, H)), bits (n*T, H) and
-        ``hidden``, the bits as float32.
+        ``hidden``, the bits as float32.  float32 products go through
+        :func:`sparse_product` on ``n_threads``.
         """
         T = n_samples
         n = X.shape[0]
-        z = X @ self.coefs[0]
+        z = sparse_product(X, self.coefs[0], n_threads)
         z += self.intercepts[0]
         cur = self._to_current(z)
         currents, bits_list, hidden = [cur], [], []
@@ -286,7 +315,7 @@ class StochasticMLP:
         for k in range(1, len(self.coefs)):
             h = bits.astype(np.float32)
             hidden.append(h)
-            z = h @ self.coefs[k]
+            z = sparse_product(h, self.coefs[k], n_threads)
             z += self.intercepts[k]
             if k == len(self.coefs) - 1:
                 break

@@ -38,7 +38,7 @@ from ._optim import SGD, Adam
 from ._utils import effective_n_threads
 from .devices import DevicePopulation
 from .exceptions import BackendError, TrainingInterrupted
-from .network import CurrentMapping, StochasticMLP, nominal_derivative
+from .network import CurrentMapping, StochasticMLP, nominal_derivative, sparse_product_tn
 
 __all__ = ["MODES", "SURROGATES", "Adam", "SGD", "TrainConfig", "TrainResult", "Trainer",
            "TrainingInterrupted", "save_checkpoint", "load_checkpoint", "nominal_curve",
@@ -616,7 +616,7 @@ class Trainer:
                             bits = network.pulse_layer(
                                 backend, np.repeat(cur, T, axis=0) if T > 1 else cur, 0)
                         else:
-                            probs, cache = network.forward(Xb, backend, T)
+                            probs, cache = network.forward(Xb, backend, T, nt)
                     except Exception as exc:
                         self._backend_state = bstate
                         where = self._save(bstate)
@@ -636,12 +636,8 @@ class Trainer:
                         self.tot_loss += loss * nb
                         self.correct += int((probs.mean(axis=1).argmax(axis=1) == yb).sum())
                         g = _backward_hidden(network, cache, g, grads_w, grads_b, nb, T,
-                                             surrogate, mul_inplace, slices)
-                    if gw0 is not None and g.dtype == np.float32 and Xb.flags.c_contiguous:
-                        _kernels.sparse_matmul_tn(Xb, np.ascontiguousarray(g), gw0, nt)
-                        grads_w[0] = gw0
-                    else:
-                        grads_w[0] = Xb.T @ g
+                                             surrogate, mul_inplace, slices, nt)
+                    grads_w[0] = sparse_product_tn(Xb, g, nt, out=gw0)
                     # The L2 penalty is folded into the optimiser's single pass.
                     l2 = [cfg.alpha / nb] * L + [0.0] * L if cfg.alpha else None
                     optimizer.step(params, grads_w + grads_b, l2=l2)
@@ -719,12 +715,12 @@ class Trainer:
 
 
 def _backward_hidden(network, cache, g, grads_w, grads_b, nb, T, surrogate, mul_inplace,
-                     slices):
+                     slices, n_threads=None):
     """Backward pass of the NumPy path through layers L-1..1; fills their gradients
     and ``grads_b[0]``, returns d loss / d z1."""
     hidden = cache["hidden"]
     for k in range(len(network.coefs) - 1, 0, -1):
-        grads_w[k] = hidden[k - 1].T @ g
+        grads_w[k] = sparse_product_tn(hidden[k - 1], g, n_threads)
         grads_b[k] = g.sum(axis=0)
         gh = g @ network.coefs[k].T
         cur = cache["currents"][k - 1]
