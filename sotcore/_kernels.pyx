@@ -309,14 +309,8 @@ cdef int _first_run(int isa, const float *X, Py_ssize_t n, Py_ssize_t d, const f
     if nch < n_threads:
         ncg = min(npan, (n_threads + nch - 1) // nch)
     cdef int nt = <int> max(1, min(<Py_ssize_t> n_threads, nch * ncg))
+    # One scratch per thread, for one chunk: bounded whatever n.
     cdef Py_ssize_t need = sot_first_scratch(min(n, <Py_ssize_t> FIRST_CHUNK), d)
-    if nt == 1:
-        ks = <int32_t *> malloc(sot_first_scratch(n, d) * sizeof(int32_t))
-        if ks == NULL:
-            return 1
-        sot_first_layer(isa, X, d, n, d, W, ps, kst, H, Z, H, ks)
-        free(ks)
-        return 0
     with parallel(num_threads=nt):
         ks = <int32_t *> malloc(need * sizeof(int32_t))
         for it in prange(nch * ncg, schedule="dynamic"):

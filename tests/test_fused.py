@@ -808,20 +808,53 @@ def test_sparse_matmul_is_first_layer_without_packing(n, d, H, global_random_see
     assert np.all(np.abs(ref - exact) <= bound)
 
 
-def test_sparse_matmul_reads_only_w():
-    """W as a view whose row stride is its width, at the end of a larger array:
-    the masked loads read nothing past column H of the last row (a NaN there
-    would show in Z)."""
-    rng = np.random.default_rng(2)
-    d, H = 70, 100
-    buf = np.full(d * H + 64, np.nan, np.float32)
-    W = buf[:d * H].reshape(d, H)
-    W[:] = rng.standard_normal((d, H))
-    X = rng.random((9, d)).astype(np.float32)
-    for Z in _on_every_path(lambda nt: (_kernels.sparse_matmul(X, W, Z := np.empty((9, H),
-                                        np.float32), nt), Z)[1]):
-        assert np.isfinite(Z).all()
-        np.testing.assert_allclose(Z, X.astype(np.float64) @ W, rtol=1e-5, atol=1e-4)
+_GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np
+from sotcore import _kernels
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+buf = mmap.mmap(-1, 3 * PAGE)
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+assert libc.mprotect(base + 2 * PAGE, PAGE, 0) == 0   # the third page: no access
+
+def at_page_end(shape):
+    # an array whose last byte is the last byte before the guard page
+    nbytes = int(np.prod(shape)) * 4
+    a = np.frombuffer(buf, np.float32, count=int(np.prod(shape)),
+                      offset=2 * PAGE - nbytes).reshape(shape)
+    return a
+
+rng = np.random.default_rng(0)
+for isa in sys.argv[1:]:
+    _kernels.sampler_isa(isa)
+    for d, H in ((16, 60), (5, 17), (3, 100), (30, 33)):
+        W = at_page_end((d, H))
+        W[:] = rng.standard_normal((d, H))
+        X = rng.random((7, d)).astype(np.float32)
+        Z = np.empty((7, H), np.float32)
+        _kernels.sparse_matmul(X, W, Z, 2)
+        assert np.allclose(Z, X.astype(np.float64) @ W, rtol=1e-5, atol=1e-4)
+        G = at_page_end((d, H))                         # d rows of gradients
+        G[:] = rng.standard_normal((d, H))
+        Xg = rng.random((d, 9)).astype(np.float32)
+        O = np.empty((9, H), np.float32)
+        _kernels.sparse_matmul_tn(Xg, G, O, 2)
+        assert np.allclose(O, Xg.T.astype(np.float64) @ G, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+def test_sparse_kernels_read_nothing_past_the_arrays():
+    """W (and G) ending right before a page with no access: a read past column
+    H of the last row -- an unmasked vector load -- would kill the process."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT, *ISAS],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode,
+                                                                 proc.stderr[-2000:])
 
 
 @pytest.mark.parametrize("n, d, H", [(1, 1, 1), (7, 5, 17), (100, 784, 500), (33, 65, 47),
