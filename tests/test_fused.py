@@ -846,13 +846,17 @@ print("ok")
 """
 
 
-def test_sparse_kernels_read_nothing_past_the_arrays():
+def test_sparse_kernels_read_nothing_past_the_arrays(tmp_path):
     """W (and G) ending right before a page with no access: a read past column
     H of the last row -- an unmasked vector load -- would kill the process."""
+    import os
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT, *ISAS],
-                          capture_output=True, text=True, timeout=120)
+    # The child imports the sotcore this test runs (installed or built in place),
+    # not a source tree that happens to be its working directory.
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(sotcore.__file__)))
+    proc = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT, *ISAS], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode,
                                                                  proc.stderr[-2000:])
 
